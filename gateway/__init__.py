@@ -1,0 +1,1 @@
+"""The gateway: llmesh's public gRPC API. Auth and tier lookup, validation, then cache -> limiter -> router."""

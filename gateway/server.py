@@ -1,0 +1,274 @@
+"""gRPC wiring of the gateway: builds dependencies, serves llmesh.v1.ChatService with health and reflection."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from google.api import httpbody_pb2
+from google.protobuf.message import DecodeError, Message
+
+from gateway import openai_compat
+from gateway.auth import RedisApiKeyStore
+from gateway.config import GatewaySettings
+from gateway.pipeline import ChatPipeline
+from gateway.router_client import GrpcRouterClient
+from gateway.validation import ChatRequestFields, RequestLimits
+from llmesh import grpc_util
+from llmesh.errors import InvalidRequest, MeshError
+from llmesh.types import GenerateEvent, Principal
+from llmesh.v1 import chat_pb2, common_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
+SERVICE_NAME = SERVICE.full_name
+AUTO_MODEL = "auto"
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a valid message (e.g. invalid UTF-8 in a string field),
+    so the handler can answer INVALID_ARGUMENT instead of gRPC's generic deserialization failure."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def tolerant_deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(str(exc) or "malformed message")
+
+    return deserialize
+
+
+def _require_decoded(request: Any) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequest(f"request could not be decoded (strings must be valid UTF-8): {request.error}")
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return item.value if isinstance(item.value, str) else item.value.decode()
+    return None
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    # Envoy puts an x-request-id on every request; keep it so logs line up across hops.
+    return "chatcmpl-" + (_metadata(context, "x-request-id") or uuid.uuid4().hex)
+
+
+def _fields(request: chat_pb2.ChatCompletionRequest) -> ChatRequestFields:
+    return ChatRequestFields(
+        model=request.model,
+        messages=[(m.role, m.content) for m in request.messages],
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+        temperature=request.temperature if request.HasField("temperature") else None,
+        top_p=request.top_p if request.HasField("top_p") else None,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=list(request.stop),
+        user=request.user,
+    )
+
+
+def _usage_pb(event: GenerateEvent) -> common_pb2.Usage | None:
+    if event.usage is None:
+        return None
+    u = event.usage
+    return common_pb2.Usage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+    )
+
+
+class ChatServicer:
+    def __init__(self, pipeline: ChatPipeline) -> None:
+        self._pipeline = pipeline
+
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return await self._pipeline.authenticate(_metadata(context, "authorization"))
+
+    @grpc_util.unary_errors
+    async def CreateChatCompletion(
+        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ChatCompletion:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        chat = self._pipeline.validate(_fields(request))
+        request_id = _request_id(context)
+        done = await self._pipeline.complete(principal, chat, request_id)
+        u = done.usage
+        return chat_pb2.ChatCompletion(
+            id=request_id,
+            model=done.route.variant,
+            created=int(time.time()),
+            text=done.text,
+            finish_reason=done.finish_reason,
+            usage=common_pb2.Usage(
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+            ),
+            route=common_pb2.RouteInfo(variant=done.route.variant, reason=done.route.reason),
+        )
+
+    @grpc_util.stream_errors
+    async def StreamChatCompletion(
+        self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        chat = self._pipeline.validate(_fields(request))
+        request_id = _request_id(context)
+        created = int(time.time())
+        model = ""
+        async for event in self._pipeline.stream(principal, chat, request_id):
+            chunk = chat_pb2.ChatCompletionChunk(
+                id=request_id, created=created, delta=event.delta, finish_reason=event.finish_reason
+            )
+            if event.route is not None:
+                model = event.route.variant
+                chunk.route.CopyFrom(common_pb2.RouteInfo(variant=event.route.variant, reason=event.route.reason))
+            chunk.model = model
+            usage = _usage_pb(event)
+            if usage is not None:
+                chunk.usage.CopyFrom(usage)
+            yield chunk
+
+    @grpc_util.unary_errors
+    async def ListModels(
+        self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ModelList:
+        principal = await self._principal(context)
+        variants = await self._pipeline.list_models(principal)
+        models = [
+            chat_pb2.Model(
+                id=AUTO_MODEL,
+                object="model",
+                owned_by="llmesh",
+                description=f"the router picks a variant for the {principal.tier.value} tier",
+            )
+        ]
+        models += [
+            chat_pb2.Model(
+                id=v.name,
+                object="model",
+                owned_by="llmesh",
+                description=f"{v.description}; context {v.context_length} tokens",
+            )
+            for v in variants
+        ]
+        return chat_pb2.ModelList(object="list", data=models)
+
+    @grpc_util.stream_errors
+    async def OpenAIChatCompletions(
+        self, request: chat_pb2.OpenAIHttpRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        parsed = openai_compat.parse_request(request.body.data)
+        chat = self._pipeline.validate(parsed.fields)
+        request_id = _request_id(context)
+        created = int(time.time())
+        if not parsed.stream:
+            done = await self._pipeline.complete(principal, chat, request_id)
+            yield httpbody_pb2.HttpBody(
+                content_type="application/json",
+                data=openai_compat.completion_json(
+                    request_id, created, done.route, done.text, done.finish_reason, done.usage
+                ),
+            )
+            return
+        model = ""
+        events = self._pipeline.stream(principal, chat, request_id)
+        # Errors before the first event (validation in the router, auth, limits) become an HTTP status; the
+        # first body is only sent once the router has accepted the request.
+        first = await anext(aiter(events))
+        route = first.route
+        model = route.variant if route else ""
+        yield httpbody_pb2.HttpBody(
+            content_type="text/event-stream",
+            data=openai_compat.sse_chunk(request_id, created, model, {"role": "assistant", "content": ""}, route=route),
+        )
+        try:
+            async for event in events:
+                if event.delta:
+                    yield httpbody_pb2.HttpBody(
+                        data=openai_compat.sse_chunk(request_id, created, model, {"content": event.delta})
+                    )
+                if event.finish_reason:
+                    yield httpbody_pb2.HttpBody(
+                        data=openai_compat.sse_chunk(request_id, created, model, {}, finish_reason=event.finish_reason)
+                    )
+                    if parsed.include_usage and event.usage is not None:
+                        yield httpbody_pb2.HttpBody(
+                            data=openai_compat.sse_chunk(request_id, created, model, None, usage=event.usage)
+                        )
+        except MeshError as exc:
+            yield httpbody_pb2.HttpBody(data=openai_compat.sse_error(str(exc), type(exc).__name__))
+        yield httpbody_pb2.HttpBody(data=openai_compat.SSE_DONE)
+
+
+def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
+    def serialize(message: Message) -> bytes:
+        return message.SerializeToString()
+
+    methods = {
+        "CreateChatCompletion": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateChatCompletion,
+            request_deserializer=tolerant_deserializer(chat_pb2.ChatCompletionRequest),
+            response_serializer=serialize,
+        ),
+        "StreamChatCompletion": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamChatCompletion,
+            request_deserializer=tolerant_deserializer(chat_pb2.ChatCompletionRequest),
+            response_serializer=serialize,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=tolerant_deserializer(chat_pb2.ListModelsRequest),
+            response_serializer=serialize,
+        ),
+        "OpenAIChatCompletions": grpc.unary_stream_rpc_method_handler(
+            servicer.OpenAIChatCompletions,
+            request_deserializer=tolerant_deserializer(chat_pb2.OpenAIHttpRequest),
+            response_serializer=serialize,
+        ),
+    }
+    missing = set(SERVICE.methods_by_name) - set(methods)
+    if missing:
+        raise RuntimeError(f"ChatService methods without a handler: {sorted(missing)}")
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    router = GrpcRouterClient(settings.router_url)
+    pipeline = ChatPipeline(
+        keys=RedisApiKeyStore(redis),
+        router=router,
+        limits=RequestLimits(
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+            max_messages=settings.max_messages,
+            max_prompt_chars=settings.max_prompt_chars,
+        ),
+    )
+    server = grpc.aio.server(options=grpc_util.server_options())
+    server.add_generic_rpc_handlers((_handlers(ChatServicer(pipeline)),))
+    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+    address = f"{settings.host}:{settings.port}"
+    server.add_insecure_port(address)
+    await server.start()
+    grpc_util.set_serving(health, [SERVICE_NAME], True)
+    log.info("gateway listening on %s, router %s", address, settings.router_url)
+    await grpc_util.wait_for_shutdown_signal()
+    grpc_util.set_serving(health, [SERVICE_NAME], False)
+    await server.stop(grace=10)
+    await router.close()
+    await redis.aclose()

@@ -1,0 +1,282 @@
+"""`llmesh up`: start the mesh in dependency order, wait on health, stop everything if one part dies.
+
+redis -> tritonserver -> router -> gateway -> envoy. One log file per service under <state dir>/logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from llmesh import paths
+from llmesh.envoy_config import EdgeConfig, envoy_command, render
+from llmesh.process import ManagedProcess, ProcessFailed, grpc_health_probe, http_ok_probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    envoy_admin_port: int = 9901
+    gateway_port: int = 50051
+    router_port: int = 50052
+    triton_grpc_port: int = 8001
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+    # Reused when something answers there; otherwise `redis-server` is started on that port.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # An already running Triton (host:port of its gRPC endpoint) instead of starting one.
+    external_triton_url: str = ""
+    # Model repository to serve; empty = build (or reuse the cached build of) the default variants.
+    model_repository: Path | None = None
+    state_dir: Path | None = None
+    startup_timeout_s: float = 900.0
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    log_level: str = "info"
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _venv_bin(name: str) -> str:
+    """Prefer the tool installed beside this interpreter (the project's venv), then PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class Mesh:
+    settings: MeshSettings
+    processes: list[ManagedProcess] = field(default_factory=list)
+    model_repository: Path | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir or paths.state_dir()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def triton_url(self) -> str:
+        return self.settings.external_triton_url or f"127.0.0.1:{self.settings.triton_grpc_port}"
+
+    def _start(self, name: str, argv: list[str], probe: Callable[[], bool], env: dict[str, str] | None = None) -> None:
+        proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env)
+        log.info("starting %s (log: %s)", name, proc.log_path)
+        self.processes.append(proc.start())
+        proc.wait_ready(probe, timeout=self.settings.startup_timeout_s)
+        log.info("%s is ready", name)
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self) -> None:
+        s = self.settings
+        service_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+        if redis_answers(s.redis_url):
+            log.info("reusing Redis at %s", s.redis_url)
+        else:
+            url = urlparse(s.redis_url)
+            if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+                raise ProcessFailed(f"Redis at {s.redis_url} does not answer, and it is not local to start it")
+            argv = [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(url.port or 6379),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.state_dir),
+            ]
+            self._start("redis", argv, lambda: redis_answers(s.redis_url))
+
+        if s.model_repository is not None:
+            self.model_repository = s.model_repository
+        else:
+            from triton_models.repository import ensure_model_repository
+
+            from triton_models.config import BuildSettings
+
+            log.info("building the model repository (cached after the first run)")
+            self.model_repository = ensure_model_repository(BuildSettings())
+
+        if not s.external_triton_url:
+            from triton_models.runtime import prepare_backend_dir, tritonserver_command
+
+            argv, env = tritonserver_command(
+                self.model_repository,
+                grpc_port=s.triton_grpc_port,
+                http_port=s.triton_http_port,
+                metrics_port=s.triton_metrics_port,
+                backend_dir=prepare_backend_dir(paths.cache_dir()),
+            )
+            self._start(
+                "tritonserver", argv, http_ok_probe(f"http://127.0.0.1:{s.triton_http_port}/v2/health/ready"), env
+            )
+
+        py = sys.executable
+        self._start(
+            "router",
+            [
+                py,
+                "-m",
+                "router",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(s.router_port),
+                "--triton-url",
+                self.triton_url,
+                "--model-repository",
+                str(self.model_repository),
+                "--log-level",
+                s.log_level,
+            ],
+            grpc_health_probe(f"127.0.0.1:{s.router_port}"),
+            service_env,
+        )
+        self._start(
+            "gateway",
+            [
+                py,
+                "-m",
+                "gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(s.gateway_port),
+                "--router-url",
+                f"127.0.0.1:{s.router_port}",
+                "--redis-url",
+                s.redis_url,
+                "--default-max-tokens",
+                str(s.default_max_tokens),
+                "--max-tokens-limit",
+                str(s.max_tokens_limit),
+                "--log-level",
+                s.log_level,
+            ],
+            grpc_health_probe(f"127.0.0.1:{s.gateway_port}"),
+            service_env,
+        )
+        edge = EdgeConfig(
+            listen_host=s.host,
+            listen_port=s.http_port,
+            admin_port=s.envoy_admin_port,
+            gateways=(("127.0.0.1", s.gateway_port),),
+        )
+        config_path = self.state_dir / "envoy.yaml"
+        config_path.write_text(render(edge))
+        self._start(
+            "envoy",
+            [_venv_bin("envoy"), *envoy_command(config_path)[1:]],
+            http_ok_probe(f"http://127.0.0.1:{s.envoy_admin_port}/ready"),
+        )
+
+    def first_dead(self) -> ManagedProcess | None:
+        return next((p for p in self.processes if not p.alive()), None)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            log.info("stopping %s", proc.name)
+            proc.stop()
+        self.processes.clear()
+
+
+def pid_file(settings: MeshSettings) -> Path:
+    return (settings.state_dir or paths.state_dir()) / "llmesh.pid"
+
+
+def run_up(settings: MeshSettings) -> int:
+    """Foreground launcher: returns when stopped (0) or when a part died (1)."""
+    mesh = Mesh(settings)
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    pid_path = pid_file(settings)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_path.write_text(str(os.getpid()))
+    try:
+        try:
+            mesh.start()
+        except ProcessFailed as exc:
+            print(f"llmesh: failed to start: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"llmesh is up: http://{settings.host}:{settings.http_port}/v1 (OpenAI API), "
+            f"gRPC {settings.host}:{settings.http_port}, Envoy admin http://127.0.0.1:{settings.envoy_admin_port}\n"
+            f"logs: {mesh.log_dir}\n"
+            "create an API key: llmesh keys create --tier paid\n"
+            "stop: Ctrl-C or `llmesh down`",
+            flush=True,
+        )
+        while not stop_requested:
+            dead = mesh.first_dead()
+            if dead is not None:
+                print(f"llmesh: {dead.exit_description()}\nllmesh: stopping the mesh", file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        mesh.stop()
+        with contextlib.suppress(FileNotFoundError):
+            pid_path.unlink()
+
+
+def run_down(settings: MeshSettings, timeout_s: float = 60.0) -> int:
+    path = pid_file(settings)
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        print("llmesh: no running mesh found", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+        print("llmesh: the mesh was not running (stale pid file removed)", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print("llmesh: stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"llmesh: launcher (pid {pid}) did not stop within {timeout_s:.0f}s", file=sys.stderr)
+    return 1

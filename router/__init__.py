@@ -1,0 +1,1 @@
+"""The router: picks a model variant per request, tokenizes, and streams tokens from Triton."""

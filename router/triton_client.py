@@ -1,0 +1,108 @@
+"""Token streams from Triton over gRPC (ModelStreamInfer), one bidirectional stream per request.
+
+The I/O contract is the one in triton_models/python_model.py: inputs input_ids [1, L] INT64, max_tokens [1, 1]
+INT32, temperature / top_p [1, 1] FP32, seed [1, 1] INT64 (optional); every response has token_ids [-1] INT64 and
+finish_reason [1] BYTES. Cancelling the call (closing the iterator) makes Triton cancel the request.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from llmesh.errors import Internal, Unavailable
+from llmesh.grpc_util import error_from_rpc
+from llmesh.types import SamplingParams
+from router.service import TokenChunk
+
+
+def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
+    """Triton's BYTES wire format: each element is a 4-byte little-endian length, then the bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        items.append(raw[offset : offset + length])
+        offset += length
+    return items
+
+
+def build_request(
+    variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
+) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name=variant, id=request_id)
+    # Without this Triton sends no response for a final flag that carries no tensors (e.g. after cancellation),
+    # and the client could not tell that the request is over.
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+
+    def add(name: str, datatype: str, values: list[int] | list[float], shape: list[int]) -> None:
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        if datatype == "INT64":
+            tensor.contents.int64_contents.extend(int(v) for v in values)
+        elif datatype == "INT32":
+            tensor.contents.int_contents.extend(int(v) for v in values)
+        else:
+            tensor.contents.fp32_contents.extend(float(v) for v in values)
+
+    add("input_ids", "INT64", list(input_ids), [1, len(input_ids)])
+    add("max_tokens", "INT32", [sampling.max_tokens], [1, 1])
+    add("temperature", "FP32", [sampling.temperature], [1, 1])
+    add("top_p", "FP32", [sampling.top_p], [1, 1])
+    if sampling.seed is not None:
+        add("seed", "INT64", [sampling.seed], [1, 1])
+    request.outputs.add(name="token_ids")
+    request.outputs.add(name="finish_reason")
+    return request
+
+
+def parse_response(response: service_pb2.ModelInferResponse) -> tuple[TokenChunk, bool]:
+    """The chunk a streamed response carries, and whether it is the request's last."""
+    token_ids: tuple[int, ...] = ()
+    finish_reason = ""
+    for index, output in enumerate(response.outputs):
+        raw = response.raw_output_contents[index] if index < len(response.raw_output_contents) else b""
+        if output.name == "token_ids":
+            token_ids = tuple(int(t) for t in np.frombuffer(raw, dtype="<i8"))
+        elif output.name == "finish_reason":
+            values = _decode_bytes_tensor(raw)
+            finish_reason = values[0].decode() if values else ""
+    final_param = response.parameters.get("triton_final_response")
+    final = bool(final_param.bool_param) if final_param is not None else bool(finish_reason)
+    return TokenChunk(token_ids=token_ids, finish_reason=finish_reason), final
+
+
+class TritonTokenSource:
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self._channel = grpc.aio.insecure_channel(url)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def ready(self, variant: str) -> bool:
+        reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=variant), timeout=2.0)
+        return bool(reply.ready)
+
+    async def stream(
+        self, variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
+    ) -> AsyncIterator[TokenChunk]:
+        request = build_request(variant, request_id, input_ids, sampling)
+        call = self._stub.ModelStreamInfer(iter([request]), timeout=self._timeout_s)
+        try:
+            async for reply in call:
+                if reply.error_message:
+                    raise Internal(f"model {variant} failed: {reply.error_message}")
+                chunk, final = parse_response(reply.infer_response)
+                yield chunk
+                if final:
+                    return
+            raise Unavailable(f"model {variant} closed the stream before the answer was complete")
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, f"triton ({variant})") from err
+        finally:
+            call.cancel()
