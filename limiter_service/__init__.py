@@ -1,0 +1,1 @@
+"""Request and token quotas in Redis. Contract: protos/llmesh/v1/limiter.proto. Not built yet."""
