@@ -6,6 +6,7 @@ redis -> tritonserver -> router -> gateway -> envoy. One log file per service un
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -83,6 +84,7 @@ class Mesh:
         proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env)
         log.info("starting %s (log: %s)", name, proc.log_path)
         self.processes.append(proc.start())
+        self._write_services_file()
         proc.wait_ready(probe, timeout=self.settings.startup_timeout_s)
         log.info("%s is ready", name)
 
@@ -122,9 +124,8 @@ class Mesh:
         if s.model_repository is not None:
             self.model_repository = s.model_repository
         else:
-            from triton_models.repository import ensure_model_repository
-
             from triton_models.config import BuildSettings
+            from triton_models.repository import ensure_model_repository
 
             log.info("building the model repository (cached after the first run)")
             self.model_repository = ensure_model_repository(BuildSettings())
@@ -202,6 +203,11 @@ class Mesh:
             http_ok_probe(f"http://127.0.0.1:{s.envoy_admin_port}/ready"),
         )
 
+    def _write_services_file(self) -> None:
+        """<state dir>/services.json: name -> pid and log of each started part, for operators and tools."""
+        services = {p.name: {"pid": p.pid, "log": str(p.log_path)} for p in self.processes}
+        (self.state_dir / "services.json").write_text(json.dumps(services, indent=2))
+
     def first_dead(self) -> ManagedProcess | None:
         return next((p for p in self.processes if not p.alive()), None)
 
@@ -210,6 +216,8 @@ class Mesh:
             log.info("stopping %s", proc.name)
             proc.stop()
         self.processes.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "services.json").unlink()
 
 
 def pid_file(settings: MeshSettings) -> Path:
@@ -257,6 +265,15 @@ def run_up(settings: MeshSettings) -> int:
             pid_path.unlink()
 
 
+def _running(pid: int) -> bool:
+    """True while `pid` runs; an exited process its parent has not reaped yet (a zombie) counts as stopped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def run_down(settings: MeshSettings, timeout_s: float = 60.0) -> int:
     path = pid_file(settings)
     try:
@@ -272,9 +289,7 @@ def run_down(settings: MeshSettings, timeout_s: float = 60.0) -> int:
         return 1
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             print("llmesh: stopped")
             return 0
         time.sleep(0.2)
