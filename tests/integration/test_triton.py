@@ -1,0 +1,208 @@
+"""The built model served by the real tritonserver (python backend, decoupled, gRPC streaming)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.fixtures.triton import TritonServer
+from triton_models.engine import GenerationRequest, Generator, SamplingParams
+from triton_models.tokenizer import ChatTokenizer
+
+pytestmark = pytest.mark.slow
+
+RESPONSE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Stream:
+    """What one request produced: the token of every non-final response, and how it ended."""
+
+    tokens: list[int] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival: list[float] = field(default_factory=list)
+
+
+class StreamingClient:
+    """A tritonclient gRPC stream; responses are sorted by request id as they arrive."""
+
+    def __init__(self, server: TritonServer) -> None:
+        self.server = server
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.events: queue.Queue[tuple[float, Any, InferenceServerException | None]] = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.events.put((time.monotonic(), result, error)))
+
+    def send(self, request_id: str, ids: list[int], max_tokens: int, **optional: float | int) -> None:
+        def tensor(name: str, datatype: str, value: np.ndarray) -> grpcclient.InferInput:
+            t = grpcclient.InferInput(name, list(value.shape), datatype)
+            t.set_data_from_numpy(value)
+            return t
+
+        inputs = [
+            tensor("input_ids", "INT64", np.array([ids], dtype=np.int64).reshape(1, len(ids))),
+            tensor("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
+        ]
+        types = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "seed": ("INT64", np.int64)}
+        for name, value in optional.items():
+            datatype, dtype = types[name]
+            inputs.append(tensor(name, datatype, np.array([[value]], dtype=dtype)))
+        self.client.async_stream_infer(self.server.variant, inputs, request_id=request_id)
+
+    def next_event(self) -> tuple[float, Any, InferenceServerException | None]:
+        return self.events.get(timeout=RESPONSE_TIMEOUT_S)
+
+    def collect(self, request_ids: list[str]) -> dict[str, Stream]:
+        """Read until every request in `request_ids` has its final response (an error counts as final, which
+        is only unambiguous with one request in flight: errors carry no request id)."""
+        streams = {rid: Stream() for rid in request_ids}
+        open_ids = set(request_ids)
+        while open_ids:
+            arrived, result, error = self.next_event()
+            if error is not None:
+                assert len(open_ids) == 1, f"error with several requests in flight: {error}"
+                rid = open_ids.pop()
+                streams[rid].error = error.message()
+                continue
+            rid = result.get_response().id
+            tokens = result.as_numpy("token_ids")
+            reason = result.as_numpy("finish_reason")[0][0].decode()
+            stream = streams[rid]
+            stream.shapes.append(tokens.shape)
+            stream.tokens += tokens.reshape(-1).tolist()
+            stream.arrival.append(arrived)
+            if reason:
+                stream.finish_reason = reason
+                open_ids.discard(rid)
+        return streams
+
+    def close(self, cancel_requests: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel_requests)
+        self.client.close()
+
+
+@pytest.fixture
+def client(triton_server: TritonServer) -> Iterator[StreamingClient]:
+    c = StreamingClient(triton_server)
+    yield c
+    c.close()
+
+
+def chat(tokenizer: ChatTokenizer, question: str) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+
+
+def test_streams_one_token_per_response(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    client.send("france", chat(chat_tokenizer, "What is the capital of France?"), max_tokens=64)
+    stream = client.collect(["france"])["france"]
+    assert stream.error is None and stream.finish_reason == "stop"
+    # Every token response holds exactly one token; the final response holds none.
+    assert stream.shapes[:-1] == [(1, 1)] * len(stream.tokens) and stream.shapes[-1] == (1, 0)
+    answer = chat_tokenizer.decode(stream.tokens)
+    print(f"\nanswer: {answer!r}")
+    assert "Paris" in answer
+
+
+def test_max_tokens_gives_length(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    client.send("story", chat(chat_tokenizer, "Write a long story about a dragon."), max_tokens=5)
+    stream = client.collect(["story"])["story"]
+    assert (stream.finish_reason, len(stream.tokens)) == ("length", 5)
+
+
+def test_concurrent_requests_are_batched_and_match_the_engine(
+    client: StreamingClient, chat_tokenizer: ChatTokenizer, generator: Generator, triton_server: TritonServer
+) -> None:
+    questions = ["What is the capital of France?", "Name a color.", "Why do birds sing? Answer briefly."]
+    prompts = [chat(chat_tokenizer, q) for q in questions]
+    before = _batched_executions(triton_server)
+    for i, prompt in enumerate(prompts):  # one stream, sent back to back: within the 10 ms queue delay
+        client.send(f"q{i}", prompt, max_tokens=24)
+    streams = client.collect([f"q{i}" for i in range(len(prompts))])
+    assert _batched_executions(triton_server) > before, "the dynamic batcher never formed a batch > 1"
+    for i, prompt in enumerate(prompts):
+        [expected] = generator.generate([GenerationRequest(prompt, SamplingParams(max_tokens=24))])
+        assert (streams[f"q{i}"].tokens, streams[f"q{i}"].finish_reason) == (
+            expected.token_ids,
+            expected.finish_reason,
+        )
+
+
+def _batched_executions(server: TritonServer) -> int:
+    """How many model executions so far had more than one request (Triton's per-batch-size statistics)."""
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(server.variant)
+    return sum(int(b.compute_infer.count) for b in stats.model_stats[0].batch_stats if b.batch_size > 1)
+
+
+def test_sampling_with_seed_is_reproducible(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    prompt = chat(chat_tokenizer, "Tell me a story about a cat.")
+    runs = []
+    for rid in ("s1", "s2"):
+        client.send(rid, prompt, max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+        runs.append(client.collect([rid])[rid].tokens)
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+def test_cancellation_stops_generation(
+    triton_server: TritonServer, chat_tokenizer: ChatTokenizer, client: StreamingClient
+) -> None:
+    doomed = StreamingClient(triton_server)
+    doomed.send("doomed", chat(chat_tokenizer, "Write a very long story about a dragon."), max_tokens=1500)
+    for _ in range(3):
+        _, result, error = doomed.next_event()
+        assert error is None and result.as_numpy("finish_reason")[0][0] == b""
+    doomed.close(cancel_requests=True)
+
+    # The model instance is free again at once: a new request is answered without waiting for the ~1500
+    # tokens (~45 s) the cancelled one asked for.
+    started = time.monotonic()
+    client.send("after", chat(chat_tokenizer, "What is the capital of France?"), max_tokens=16)
+    stream = client.collect(["after"])["after"]
+    assert stream.finish_reason in ("stop", "length")
+    assert stream.arrival[0] - started < 5.0
+
+    # And the model reports that it stopped generating for the cancelled request after a few tokens.
+    deadline = time.monotonic() + 10
+    while "request 'doomed' cancelled after" not in triton_server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(li for li in triton_server.log_text().splitlines() if "request 'doomed' cancelled after" in li)
+    produced = int(line.split("cancelled after ")[1].split()[0])
+    print(f"\n{line.strip()}")
+    assert 3 <= produced < 30
+
+
+@pytest.mark.parametrize(
+    ("ids", "max_tokens", "message"),
+    [
+        ([], 5, "input_ids is empty"),
+        ([1, 2, 3], 0, "max_tokens must be positive"),
+        ([1] * 100, 2000, "exceeds the model's context length of 2048"),
+        ([1, 99999], 5, "outside [0, 49152)"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(
+    client: StreamingClient, chat_tokenizer: ChatTokenizer, ids: list[int], max_tokens: int, message: str
+) -> None:
+    client.send("bad", ids, max_tokens=max_tokens)
+    bad = client.collect(["bad"])["bad"]
+    assert bad.error is not None and bad.error.startswith("invalid request: ") and message in bad.error
+    client.send("good", chat(chat_tokenizer, "Hi"), max_tokens=3)
+    good = client.collect(["good"])["good"]
+    assert good.error is None and good.finish_reason in ("stop", "length")
+
+
+def test_two_sequences_in_one_request_are_rejected(client: StreamingClient, triton_server: TritonServer) -> None:
+    inputs = [grpcclient.InferInput("input_ids", [2, 3], "INT64"), grpcclient.InferInput("max_tokens", [2, 1], "INT32")]
+    inputs[0].set_data_from_numpy(np.ones((2, 3), dtype=np.int64))
+    inputs[1].set_data_from_numpy(np.full((2, 1), 4, dtype=np.int32))
+    client.client.async_stream_infer(triton_server.variant, inputs, request_id="two")
+    _, _, error = client.next_event()
+    assert error is not None and "one sequence per request" in error.message()

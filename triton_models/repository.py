@@ -1,0 +1,203 @@
+"""Build (once) the Triton model repository for a `BuildSettings`, cached by content hash.
+
+Layout of the returned directory:
+
+    <cache_dir>/models/<hash>/            <- the Triton model repository (pass to --model-repository)
+        <variant>/config.pbtxt
+        <variant>/1/model.py              copy of triton_models/python_model.py
+        <variant>/1/model.onnx            decoder graph (contract in export.py)
+        <variant>/1/tokenizer.json
+        <variant>/1/llmesh_model.json     ModelMetadata (config.py)
+
+The hash covers the GGUF's bytes, the source of every module that shapes the output, the settings (except
+cache_dir) and the versions of the tools that produce the files, so a changed input gives a new directory and an
+unchanged one is found again without rebuilding. Builds go to a temporary sibling directory renamed into place,
+and a file lock keeps concurrent builders (parallel test sessions, the launcher) from exporting twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from triton_models.config import METADATA_FILE, BuildSettings, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Modules whose source decides what lands in the repository. engine.py is not here on purpose: model.py
+# imports it from the installed project at serve time, so changing it needs a Triton restart, not a rebuild.
+_SOURCES = ("config.py", "gguf_loader.py", "export.py", "tokenizer.py", "repository.py", "python_model.py")
+_TOOLS = ("torch", "onnx", "gguf", "tokenizers", "numpy")
+# Bump to force a rebuild when the layout changes in a way the hashed sources do not show.
+_FORMAT = 1
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build_key(settings: BuildSettings) -> str:
+    """Content hash naming the repository directory (~0.1 s: dominated by hashing the 98 MB GGUF)."""
+    fields = asdict(settings)
+    del fields["cache_dir"], fields["gguf_path"]  # where things live does not change what is built
+    inputs = {
+        "format": _FORMAT,
+        "gguf_sha256": _file_sha256(settings.gguf_path),
+        "settings": {k: str(v) for k, v in sorted(fields.items())},
+        "sources": {name: _file_sha256(_PACKAGE_DIR / name) for name in _SOURCES},
+        "tools": {name: importlib.metadata.version(name) for name in _TOOLS},
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_model_repository(settings: BuildSettings) -> Path:
+    """Return the model repository for `settings`, building it first if it is not cached yet."""
+    models_dir = settings.cache_dir / "models"
+    target = models_dir / build_key(settings)
+    if target.is_dir():
+        return target
+    with _locked(models_dir / f".{target.name}.lock"):
+        if target.is_dir():  # another process finished the build while we waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models_dir))
+        try:
+            started = time.monotonic()
+            _build(settings, staging)
+            staging.chmod(0o755)  # mkdtemp makes it owner-only; the server may run as another user
+            os.rename(staging, target)
+            log.info("built model repository %s in %.1f s", target, time.monotonic() - started)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    return target
+
+
+def _build(settings: BuildSettings, repo: Path) -> None:
+    # Build-only dependencies are imported here so that importing this module (e.g. for build_key) stays light.
+    from triton_models.export import export_onnx
+    from triton_models.gguf_loader import load_gguf
+    from triton_models.tokenizer import TOKENIZER_FILE, build_tokenizer, eos_token_ids
+
+    model = load_gguf(settings.gguf_path)
+    cfg, tok = model.config, model.tokenizer
+    if settings.max_context > cfg.context_length:
+        raise ValueError(f"max_context {settings.max_context} exceeds the model's {cfg.context_length} tokens")
+    version = repo / settings.variant / "1"
+    version.mkdir(parents=True)
+
+    export_onnx(cfg, model.weights, settings.max_context, version / "model.onnx")
+    build_tokenizer(tok).save(str(version / TOKENIZER_FILE))
+    metadata = ModelMetadata(
+        variant=settings.variant,
+        context_length=settings.max_context,
+        vocab_size=cfg.vocab_size,
+        num_layers=cfg.n_layers,
+        num_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        eos_token_ids=eos_token_ids(tok),
+        bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
+        eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
+        chat_template=tok.chat_template,
+        ort_threads=settings.ort_threads,
+    )
+    (version / METADATA_FILE).write_text(metadata.to_json())
+    shutil.copyfile(_PACKAGE_DIR / "python_model.py", version / "model.py")
+    (repo / settings.variant / "config.pbtxt").write_text(render_config(settings))
+
+
+def render_config(settings: BuildSettings) -> str:
+    """config.pbtxt; the I/O contract is documented at the top of python_model.py."""
+    return f"""\
+name: "{settings.variant}"
+backend: "python"
+max_batch_size: {settings.max_batch_size}
+
+# Streaming: every generated token is its own response; the last response carries the finish reason and the
+# TRITONSERVER_RESPONSE_COMPLETE_FINAL flag.
+model_transaction_policy {{
+  decoupled: true
+}}
+
+dynamic_batching {{
+  max_queue_delay_microseconds: {settings.max_queue_delay_us}
+}}
+
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+
+input [
+  {{
+    name: "input_ids"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+    # Prompts of different lengths may share a batch: the python backend hands over each request's own tensor.
+    allow_ragged_batch: true
+  }},
+  {{
+    name: "max_tokens"
+    data_type: TYPE_INT32
+    dims: [ 1 ]
+  }},
+  {{
+    name: "temperature"
+    data_type: TYPE_FP32
+    dims: [ 1 ]
+    optional: true
+  }},
+  {{
+    name: "top_p"
+    data_type: TYPE_FP32
+    dims: [ 1 ]
+    optional: true
+  }},
+  {{
+    name: "seed"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+    optional: true
+  }}
+]
+
+output [
+  {{
+    name: "token_ids"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+  }},
+  {{
+    name: "finish_reason"
+    data_type: TYPE_STRING
+    dims: [ 1 ]
+  }}
+]
+"""
