@@ -1,11 +1,12 @@
-"""The gateway's request path: authenticate, validate, then hand to the router. No gRPC here.
+"""The gateway's request path. No gRPC here.
 
-Cache and limiter slot in between validation and routing (their issues); the order is
-cache lookup -> limiter reservation -> router -> limiter settlement -> cache store.
+authenticate -> validate -> router.prepare (variant + prompt tokens) -> cache lookup -> quota reservation
+-> router.generate -> quota settlement -> cache store.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,9 +18,53 @@ from llmesh.types import ChatRequest, GenerateEvent, Principal, RouteInfo, Tier,
 
 
 class RouterClient(Protocol):
-    def generate(self, request_id: str, tier: Tier, request: ChatRequest) -> AsyncIterator[GenerateEvent]: ...
+    async def prepare(self, tier: Tier, request: ChatRequest) -> tuple[RouteInfo, int]:
+        """The route the router would take and the prompt's token count; raises what Generate would."""
+        ...
+
+    def generate(
+        self, request_id: str, tier: Tier, request: ChatRequest, route: RouteInfo | None = None
+    ) -> AsyncIterator[GenerateEvent]: ...
 
     async def list_variants(self) -> list[VariantInfo]: ...
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Quota held for one admitted request until it is settled."""
+
+    id: str
+    reserved_tokens: int
+    # Response metadata such as x-ratelimit-remaining, for the caller.
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class QuotaGate(Protocol):
+    async def reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int) -> Reservation:
+        """Admit the request and hold prompt_tokens + max_tokens, atomically; raise ResourceExhausted if over."""
+        ...
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        """Charge what was used and refund the rest; called exactly once per reservation, also on failure."""
+        ...
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    chunks: tuple[str, ...]
+    finish_reason: str
+    usage: Usage
+    layer: str = "exact"
+
+
+class ResponseCache(Protocol):
+    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CachedAnswer | None: ...
+
+    async def store(
+        self, principal: Principal, route: RouteInfo, request: ChatRequest, answer: CachedAnswer | None
+    ) -> None:
+        """Keep a finished answer; `None` means generation failed or was cut short (release any waiters)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -31,10 +76,19 @@ class Completion:
 
 
 class ChatPipeline:
-    def __init__(self, keys: ApiKeyStore, router: RouterClient, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        keys: ApiKeyStore,
+        router: RouterClient,
+        limits: RequestLimits,
+        quotas: QuotaGate | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._keys = keys
         self._router = router
         self._limits = limits
+        self._quotas = quotas
+        self._cache = cache
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await authenticate(self._keys, authorization)
@@ -42,9 +96,45 @@ class ChatPipeline:
     def validate(self, fields: ChatRequestFields) -> ChatRequest:
         return validate(fields, self._limits)
 
-    def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> AsyncIterator[GenerateEvent]:
-        """Events from the router: route first, then deltas, then finish_reason + usage."""
-        return self._router.generate(request_id, principal.tier, request)
+    async def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> AsyncIterator[GenerateEvent]:
+        """Events from the router: route first, then deltas, then finish_reason + usage.
+
+        Routing happens first (Prepare) so that the cache and the limiter, which slot in here, know the variant and
+        the prompt's size before anything is generated.
+        """
+        route, prompt_tokens = await self._router.prepare(principal.tier, request)
+        if self._cache is not None:
+            hit = await self._cache.lookup(principal, route, request)
+            if hit is not None:
+                yield GenerateEvent(route=RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit"))
+                for chunk in hit.chunks:
+                    yield GenerateEvent(delta=chunk)
+                yield GenerateEvent(finish_reason=hit.finish_reason, usage=hit.usage)
+                return
+        reservation = None
+        if self._quotas is not None:
+            reservation = await self._quotas.reserve(principal, request_id, prompt_tokens, request.sampling.max_tokens)
+        chunks: list[str] = []
+        answer: CachedAnswer | None = None
+        used_tokens = 0
+        events = self._router.generate(request_id, principal.tier, request, route)
+        try:
+            async for event in events:
+                if event.delta:
+                    chunks.append(event.delta)
+                    # Until the final usage arrives, charge the prompt plus about one token per delta.
+                    used_tokens = prompt_tokens + len(chunks)
+                if event.usage is not None:
+                    used_tokens = event.usage.total_tokens
+                    answer = CachedAnswer(tuple(chunks), event.finish_reason, event.usage)
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+            # Settlement and cache release must happen even when the caller went away (task cancelled).
+            if reservation is not None:
+                await asyncio.shield(self._quotas.settle(reservation, used_tokens))  # type: ignore[union-attr]
+            if self._cache is not None:
+                await asyncio.shield(self._cache.store(principal, route, request, answer))
 
     async def complete(self, principal: Principal, request: ChatRequest, request_id: str) -> Completion:
         parts: list[str] = []

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmesh.convert import messages_to_pb, route_from_pb, route_to_pb, sampling_to_pb, usage_from_pb
 from llmesh.grpc_util import error_from_rpc
-from llmesh.types import ChatRequest, GenerateEvent, RouteInfo, Tier, Usage, VariantInfo
-from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from llmesh.types import ChatRequest, GenerateEvent, RouteInfo, Tier, VariantInfo
+from llmesh.v1 import router_pb2, router_pb2_grpc
 
 
 class GrpcRouterClient:
@@ -20,32 +21,39 @@ class GrpcRouterClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(self, request_id: str, tier: Tier, request: ChatRequest) -> AsyncIterator[GenerateEvent]:
-        sampling = common_pb2.SamplingParams(
-            max_tokens=request.sampling.max_tokens,
-            temperature=request.sampling.temperature,
-            top_p=request.sampling.top_p,
-            stop=list(request.sampling.stop),
+    async def prepare(self, tier: Tier, request: ChatRequest) -> tuple[RouteInfo, int]:
+        message = router_pb2.PrepareRequest(
+            tier=tier.value,
+            model=request.model,
+            messages=messages_to_pb(request.messages),
+            sampling=sampling_to_pb(request.sampling),
         )
-        if request.sampling.seed is not None:
-            sampling.seed = request.sampling.seed
+        try:
+            reply = await self._stub.Prepare(message, timeout=10.0)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, "router") from err
+        return route_from_pb(reply.route), reply.prompt_tokens
+
+    async def generate(
+        self, request_id: str, tier: Tier, request: ChatRequest, route: RouteInfo | None = None
+    ) -> AsyncIterator[GenerateEvent]:
         message = router_pb2.GenerateRequest(
             request_id=request_id,
             tier=tier.value,
             model=request.model,
-            messages=[common_pb2.ChatMessage(role=m.role, content=m.content) for m in request.messages],
-            sampling=sampling,
+            messages=messages_to_pb(request.messages),
+            sampling=sampling_to_pb(request.sampling),
         )
+        if route is not None:
+            message.route.CopyFrom(route_to_pb(route))
         call = self._stub.Generate(message, timeout=self._timeout_s)
         try:
             async for chunk in call:
                 yield GenerateEvent(
                     delta=chunk.delta,
                     finish_reason=chunk.finish_reason,
-                    usage=Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    if chunk.HasField("usage")
-                    else None,
-                    route=RouteInfo(chunk.route.variant, chunk.route.reason) if chunk.HasField("route") else None,
+                    usage=usage_from_pb(chunk.usage) if chunk.HasField("usage") else None,
+                    route=route_from_pb(chunk.route) if chunk.HasField("route") else None,
                 )
         except grpc.RpcError as err:
             raise error_from_rpc(err, "router") from err

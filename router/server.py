@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health
 
 from llmesh import grpc_util
-from llmesh.types import ChatMessage, SamplingParams, Tier
-from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from llmesh.convert import messages_from_pb, route_from_pb, route_to_pb, sampling_from_pb, usage_to_pb
+from llmesh.errors import InvalidRequest
+from llmesh.types import Tier
+from llmesh.v1 import router_pb2, router_pb2_grpc
 from router.config import RouterSettings
 from router.policy import RoutingPolicy
 from router.service import Router, Variant
@@ -37,40 +40,48 @@ def load_variants(repository: Path) -> dict[str, Variant]:
     return variants
 
 
+def _tier(name: str) -> Tier:
+    try:
+        return Tier(name)
+    except ValueError as exc:
+        raise InvalidRequest(f"unknown tier {name!r}") from exc
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, router: Router) -> None:
         self._router = router
+
+    @grpc_util.unary_errors
+    async def Prepare(
+        self, request: router_pb2.PrepareRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.PrepareResponse:
+        prepared = self._router.prepare(
+            _tier(request.tier), request.model, messages_from_pb(request.messages), sampling_from_pb(request.sampling)
+        )
+        return router_pb2.PrepareResponse(
+            route=route_to_pb(prepared.route),
+            prompt_tokens=len(prepared.input_ids),
+            context_length=prepared.context_length,
+        )
 
     @grpc_util.stream_errors
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
-        sampling = request.sampling
         events = self._router.generate(
             request_id=request.request_id,
-            tier=Tier(request.tier) if request.tier in Tier._value2member_map_ else Tier.FREE,
+            tier=_tier(request.tier),
             model=request.model,
-            messages=[ChatMessage(m.role, m.content) for m in request.messages],
-            sampling=SamplingParams(
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed if sampling.HasField("seed") else None,
-                stop=tuple(sampling.stop),
-            ),
+            messages=messages_from_pb(request.messages),
+            sampling=sampling_from_pb(request.sampling),
+            route=route_from_pb(request.route) if request.HasField("route") else None,
         )
         async for event in events:
             chunk = router_pb2.GenerateChunk(delta=event.delta, finish_reason=event.finish_reason)
             if event.usage is not None:
-                chunk.usage.CopyFrom(
-                    common_pb2.Usage(
-                        prompt_tokens=event.usage.prompt_tokens,
-                        completion_tokens=event.usage.completion_tokens,
-                        total_tokens=event.usage.total_tokens,
-                    )
-                )
+                chunk.usage.CopyFrom(usage_to_pb(event.usage))
             if event.route is not None:
-                chunk.route.CopyFrom(common_pb2.RouteInfo(variant=event.route.variant, reason=event.route.reason))
+                chunk.route.CopyFrom(route_to_pb(event.route))
             yield chunk
 
     @grpc_util.unary_errors
@@ -97,25 +108,25 @@ async def serve(settings: RouterSettings) -> None:
 
     server = grpc.aio.server(options=grpc_util.server_options())
     router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
-    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+    health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)
     await server.start()
-    # Serving only once Triton has every variant loaded: the launcher and Envoy read this.
-    health_task = asyncio.create_task(_track_triton_health(tokens, list(variants), health))
+    # SERVING only while Triton has every variant loaded: the launcher and the gateway's callers read this.
+    health_task = asyncio.create_task(_track_triton_health(tokens, list(variants), health_servicer))
     log.info("router listening on %s, variants %s, triton %s", address, list(variants), settings.triton_url)
     await grpc_util.wait_for_shutdown_signal()
-    grpc_util.set_serving(health, [SERVICE_NAME], False)
     health_task.cancel()
+    grpc_util.set_serving(health_servicer, [SERVICE_NAME], False)
     await server.stop(grace=10)
     await tokens.close()
 
 
-async def _track_triton_health(tokens: TritonTokenSource, variants: list[str], health: object) -> None:
+async def _track_triton_health(tokens: TritonTokenSource, variants: list[str], health: health.HealthServicer) -> None:
     while True:
         try:
             ready = all([await tokens.ready(v) for v in variants])
         except grpc.RpcError:
             ready = False
-        grpc_util.set_serving(health, [SERVICE_NAME], ready)  # type: ignore[arg-type]
+        grpc_util.set_serving(health, [SERVICE_NAME], ready)
         await asyncio.sleep(2.0)

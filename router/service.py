@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmesh.errors import InvalidRequest
-from llmesh.types import ChatMessage, GenerateEvent, SamplingParams, Tier, Usage, VariantInfo
+from llmesh.types import ChatMessage, GenerateEvent, RouteInfo, SamplingParams, Tier, Usage, VariantInfo
 from router.policy import RoutingPolicy
 from router.text import IncrementalDetokenizer, StopMatcher
 
@@ -55,6 +55,13 @@ class Variant:
         return self.tokenizer.context_length
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    route: RouteInfo
+    input_ids: list[int]
+    context_length: int
+
+
 class Router:
     def __init__(self, variants: Mapping[str, Variant], policy: RoutingPolicy, tokens: TokenSource) -> None:
         self._variants = variants
@@ -67,15 +74,20 @@ class Router:
             for v in self._variants.values()
         ]
 
-    async def generate(
+    def prepare(
         self,
-        request_id: str,
         tier: Tier,
         model: str,
         messages: Sequence[ChatMessage],
         sampling: SamplingParams,
-    ) -> AsyncIterator[GenerateEvent]:
-        route = self._policy.choose(tier, model)
+        route: RouteInfo | None = None,
+    ) -> PreparedRequest:
+        """Route, render and tokenize; refuse what cannot run. No generation happens here."""
+        if route is None:
+            route = self._policy.choose(tier, model)
+        else:
+            # A decision made earlier (Prepare) is honoured only if it is still a valid choice for this tier.
+            self._policy.choose(tier, route.variant)
         variant = self._variants[route.variant]
         tokenizer = variant.tokenizer
         prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
@@ -85,6 +97,20 @@ class Router:
                 f"prompt is {len(input_ids)} tokens and max_tokens is {sampling.max_tokens}: together they "
                 f"exceed the {variant.context_length}-token context of {variant.name}"
             )
+        return PreparedRequest(route=route, input_ids=input_ids, context_length=variant.context_length)
+
+    async def generate(
+        self,
+        request_id: str,
+        tier: Tier,
+        model: str,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        route: RouteInfo | None = None,
+    ) -> AsyncIterator[GenerateEvent]:
+        prepared = self.prepare(tier, model, messages, sampling, route)
+        route, input_ids = prepared.route, prepared.input_ids
+        tokenizer = self._variants[route.variant].tokenizer
         log.info(
             "route request_id=%s tier=%s variant=%s reason=%r prompt_tokens=%d",
             request_id,

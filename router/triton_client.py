@@ -14,10 +14,13 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from llmesh.errors import Internal, Unavailable
+from llmesh.errors import Internal, InvalidRequest, Unavailable
 from llmesh.grpc_util import error_from_rpc
 from llmesh.types import SamplingParams
 from router.service import TokenChunk
+
+# python_model.py starts the message of an error caused by the request (not by the server) with this.
+INVALID_REQUEST_PREFIX = "invalid request: "
 
 
 def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
@@ -96,6 +99,9 @@ class TritonTokenSource:
         try:
             async for reply in call:
                 if reply.error_message:
+                    # Over streaming gRPC only the message arrives, not the code; the model marks bad input.
+                    if INVALID_REQUEST_PREFIX in reply.error_message:
+                        raise InvalidRequest(reply.error_message.split(INVALID_REQUEST_PREFIX, 1)[1])
                     raise Internal(f"model {variant} failed: {reply.error_message}")
                 chunk, final = parse_response(reply.infer_response)
                 yield chunk

@@ -35,6 +35,11 @@ class RouterServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Prepare = channel.unary_unary(
+                '/llmesh.v1.RouterService/Prepare',
+                request_serializer=llmesh_dot_v1_dot_router__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_router__pb2.PrepareResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/llmesh.v1.RouterService/Generate',
                 request_serializer=llmesh_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
@@ -49,6 +54,14 @@ class RouterServiceStub:
 
 class RouterServiceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Prepare(self, request, context):
+        """Route and count the prompt without generating: the gateway needs the variant (cache key) and the prompt's
+        token count (quota reservation) before it commits to generation. Same validation errors as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -65,6 +78,11 @@ class RouterServiceServicer:
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=llmesh_dot_v1_dot_router__pb2.PrepareRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_router__pb2.PrepareResponse.SerializeToString,
+            ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=llmesh_dot_v1_dot_router__pb2.GenerateRequest.FromString,
@@ -85,6 +103,33 @@ def add_RouterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RouterService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.RouterService/Prepare',
+            llmesh_dot_v1_dot_router__pb2.PrepareRequest.SerializeToString,
+            llmesh_dot_v1_dot_router__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Generate(request,

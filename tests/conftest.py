@@ -1,0 +1,3 @@
+"""Shared fixtures: real servers started once per session on free ports (see tests/fixtures/)."""
+
+pytest_plugins = ["tests.fixtures.triton", "tests.fixtures.mesh"]
