@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(asyncio.run(_create_key(args.redis_url, Tier(args.tier), args.note)))
         return 0
     if args.command == "build":
-        from triton_models.repository import ensure_model_repository
-
         from triton_models.config import BuildSettings
+        from triton_models.repository import ensure_model_repository
 
         print(ensure_model_repository(BuildSettings()))
         return 0
