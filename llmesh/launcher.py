@@ -34,6 +34,9 @@ class MeshSettings:
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
+    # tritonserver processes serving the same repository; replica i listens on the triton ports + 10 * i.
+    replicas: int = 1
+    router_metrics_port: int = 9102
     # Reused when something answers there; otherwise `redis-server` is started on that port.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # An already running Triton (host:port of its gRPC endpoint) instead of starting one.
@@ -78,7 +81,11 @@ class Mesh:
 
     @property
     def triton_url(self) -> str:
-        return self.settings.external_triton_url or f"127.0.0.1:{self.settings.triton_grpc_port}"
+        """The router's replicas, comma-separated."""
+        s = self.settings
+        if s.external_triton_url:
+            return s.external_triton_url
+        return ",".join(f"127.0.0.1:{s.triton_grpc_port + 10 * i}" for i in range(s.replicas))
 
     def _start(self, name: str, argv: list[str], probe: Callable[[], bool], env: dict[str, str] | None = None) -> None:
         proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env)
@@ -133,16 +140,17 @@ class Mesh:
         if not s.external_triton_url:
             from triton_models.runtime import prepare_backend_dir, tritonserver_command
 
-            argv, env = tritonserver_command(
-                self.model_repository,
-                grpc_port=s.triton_grpc_port,
-                http_port=s.triton_http_port,
-                metrics_port=s.triton_metrics_port,
-                backend_dir=prepare_backend_dir(paths.cache_dir()),
-            )
-            self._start(
-                "tritonserver", argv, http_ok_probe(f"http://127.0.0.1:{s.triton_http_port}/v2/health/ready"), env
-            )
+            backend_dir = prepare_backend_dir(paths.cache_dir())
+            for i in range(s.replicas):
+                argv, env = tritonserver_command(
+                    self.model_repository,
+                    grpc_port=s.triton_grpc_port + 10 * i,
+                    http_port=s.triton_http_port + 10 * i,
+                    metrics_port=s.triton_metrics_port + 10 * i,
+                    backend_dir=backend_dir,
+                )
+                ready_url = f"http://127.0.0.1:{s.triton_http_port + 10 * i}/v2/health/ready"
+                self._start("tritonserver" + (f"-{i}" if i else ""), argv, http_ok_probe(ready_url), env)
 
         py = sys.executable
         self._start(
@@ -159,6 +167,8 @@ class Mesh:
                 self.triton_url,
                 "--model-repository",
                 str(self.model_repository),
+                "--metrics-port",
+                str(s.router_metrics_port),
                 "--log-level",
                 s.log_level,
             ],

@@ -5,17 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.policy import DEFAULT_POLICY_FILE
+
 
 @dataclass(frozen=True)
 class RouterSettings:
     host: str = "127.0.0.1"
     port: int = 50052
-    # Triton's gRPC endpoint.
+    # Triton gRPC endpoints serving the same model repository, comma-separated (the replicas).
     triton_url: str = "127.0.0.1:8001"
+    # Replicas reserved for the enterprise tier, comma-separated; enterprise spills onto the shared ones.
+    dedicated_triton_url: str = ""
     # The Triton model repository; the router reads each variant's tokenizer and metadata from it.
     model_repository: Path | None = None
-    # Variant chosen for `model: auto` when the policy names none; empty = the first variant found.
+    policy_file: Path = DEFAULT_POLICY_FILE
+    # Overrides every tier's default variant (empty = the policy file's defaults).
     default_variant: str = ""
     # Upper bound on one generation, end to end.
     generate_timeout_s: float = 300.0
+    # Active health checks of every replica; a failing replica is ejected until a check passes again.
+    health_interval_s: float = 1.0
+    metrics_port: int = 0
     log_level: str = "info"
+
+    def replica_urls(self) -> tuple[list[str], list[str]]:
+        def split(value: str) -> list[str]:
+            return [u.strip() for u in value.split(",") if u.strip()]
+
+        return split(self.triton_url), split(self.dedicated_triton_url)

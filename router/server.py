@@ -9,16 +9,21 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from llmesh import grpc_util
 from llmesh.convert import messages_from_pb, route_from_pb, route_to_pb, sampling_from_pb, usage_to_pb
 from llmesh.errors import InvalidRequest
+from llmesh.metrics import serve_metrics
 from llmesh.types import Tier
 from llmesh.v1 import router_pb2, router_pb2_grpc
 from router.config import RouterSettings
-from router.policy import RoutingPolicy
+from router.load import LoadTracker
+from router.metrics import PrometheusObserver
+from router.policy import load_policy
+from router.replicas import ReplicaPool, ReplicaState
 from router.service import Router, Variant
-from router.triton_client import TritonTokenSource
+from router.triton_client import TritonReplica
 
 log = logging.getLogger(__name__)
 
@@ -102,31 +107,43 @@ async def serve(settings: RouterSettings) -> None:
     if settings.model_repository is None:
         raise SystemExit("--model-repository is required")
     variants = load_variants(settings.model_repository)
-    policy = RoutingPolicy.open_to_all(list(variants), settings.default_variant)
-    tokens = TritonTokenSource(settings.triton_url, settings.generate_timeout_s)
-    router = Router(variants, policy, tokens)
+    policy = load_policy(settings.policy_file, list(variants), settings.default_variant)
+    shared_urls, dedicated_urls = settings.replica_urls()
+    replicas = [TritonReplica(url, settings.generate_timeout_s) for url in shared_urls + dedicated_urls]
+    pool = ReplicaPool(ReplicaState(replica, dedicated=replica.name in dedicated_urls) for replica in replicas)
+    load = LoadTracker()
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry, pool, load, list(policy.variants))
+    router = Router(variants, policy, pool, load=load, observer=observer)
+    serve_metrics(registry, settings.host, settings.metrics_port)
 
     server = grpc.aio.server(options=grpc_util.server_options())
     router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
     health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)
+    await pool.probe(list(variants))
     await server.start()
-    # SERVING only while Triton has every variant loaded: the launcher and the gateway's callers read this.
-    health_task = asyncio.create_task(_track_triton_health(tokens, list(variants), health_servicer))
-    log.info("router listening on %s, variants %s, triton %s", address, list(variants), settings.triton_url)
+    health_task = asyncio.create_task(
+        _check_replicas(pool, list(variants), health_servicer, settings.health_interval_s)
+    )
+    log.info(
+        "router listening on %s, variants %s (smallest first), replicas %s, dedicated %s",
+        address, list(policy.variants), shared_urls, dedicated_urls,
+    )  # fmt: skip
     await grpc_util.wait_for_shutdown_signal()
     health_task.cancel()
     grpc_util.set_serving(health_servicer, [SERVICE_NAME], False)
     await server.stop(grace=10)
-    await tokens.close()
+    for replica in replicas:
+        await replica.close()
 
 
-async def _track_triton_health(tokens: TritonTokenSource, variants: list[str], health: health.HealthServicer) -> None:
+async def _check_replicas(
+    pool: ReplicaPool, variants: list[str], health: health.HealthServicer, interval_s: float
+) -> None:
+    """Active health checks; the router is SERVING while at least one replica serves every variant."""
     while True:
-        try:
-            ready = all([await tokens.ready(v) for v in variants])
-        except grpc.RpcError:
-            ready = False
-        grpc_util.set_serving(health, [SERVICE_NAME], ready)
-        await asyncio.sleep(2.0)
+        grpc_util.set_serving(health, [SERVICE_NAME], pool.healthy_count() > 0)
+        await asyncio.sleep(interval_s)
+        await pool.probe(variants)

@@ -16,8 +16,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmesh.errors import Internal, InvalidRequest, Unavailable
 from llmesh.grpc_util import error_from_rpc
-from llmesh.types import SamplingParams
-from router.service import TokenChunk
+from llmesh.types import SamplingParams, Tier
+from router.tokens import TokenChunk
 
 # python_model.py starts the message of an error caused by the request (not by the server) with this.
 INVALID_REQUEST_PREFIX = "invalid request: "
@@ -35,9 +35,11 @@ def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
 
 
 def build_request(
-    variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
+    variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams, priority: int = 0
 ) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=variant, id=request_id)
+    if priority:
+        request.parameters["priority"].uint64_param = priority
     # Without this Triton sends no response for a final flag that carries no tensors (e.g. after cancellation),
     # and the client could not tell that the request is over.
     request.parameters["triton_enable_empty_final_response"].bool_param = True
@@ -78,37 +80,62 @@ def parse_response(response: service_pb2.ModelInferResponse) -> tuple[TokenChunk
     return TokenChunk(token_ids=token_ids, finish_reason=finish_reason), final
 
 
-class TritonTokenSource:
+class TritonReplica:
+    """One tritonserver process, reached over gRPC."""
+
     def __init__(self, url: str, timeout_s: float) -> None:
+        self._url = url
         self._channel = grpc.aio.insecure_channel(url)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout_s = timeout_s
+        # variant -> the model's dynamic_batching.priority_levels (0 = priorities not configured).
+        self._priority_levels: dict[str, int] = {}
+
+    @property
+    def name(self) -> str:
+        return self._url
 
     async def close(self) -> None:
         await self._channel.close()
 
     async def ready(self, variant: str) -> bool:
-        reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=variant), timeout=2.0)
+        try:
+            reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=variant), timeout=2.0)
+        except grpc.RpcError:
+            return False
         return bool(reply.ready)
 
+    async def _priority(self, variant: str, tier: Tier) -> int:
+        """Triton priority for the tier: 1 (highest) for paid and enterprise, the lowest level for free."""
+        if variant not in self._priority_levels:
+            reply = await self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=variant), timeout=5.0)
+            self._priority_levels[variant] = int(reply.config.dynamic_batching.priority_levels)
+        levels = self._priority_levels[variant]
+        if levels == 0:
+            return 0
+        return levels if tier is Tier.FREE else 1
+
     async def stream(
-        self, variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams
+        self, variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams, tier: Tier
     ) -> AsyncIterator[TokenChunk]:
-        request = build_request(variant, request_id, input_ids, sampling)
-        call = self._stub.ModelStreamInfer(iter([request]), timeout=self._timeout_s)
+        try:
+            request = build_request(variant, request_id, input_ids, sampling, await self._priority(variant, tier))
+            call = self._stub.ModelStreamInfer(iter([request]), timeout=self._timeout_s)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, f"triton {self._url} ({variant})") from err
         try:
             async for reply in call:
                 if reply.error_message:
                     # Over streaming gRPC only the message arrives, not the code; the model marks bad input.
                     if INVALID_REQUEST_PREFIX in reply.error_message:
                         raise InvalidRequest(reply.error_message.split(INVALID_REQUEST_PREFIX, 1)[1])
-                    raise Internal(f"model {variant} failed: {reply.error_message}")
+                    raise Internal(f"model {variant} on {self._url} failed: {reply.error_message}")
                 chunk, final = parse_response(reply.infer_response)
                 yield chunk
                 if final:
                     return
-            raise Unavailable(f"model {variant} closed the stream before the answer was complete")
+            raise Unavailable(f"{self._url} closed the stream of {variant} before the answer was complete")
         except grpc.RpcError as err:
-            raise error_from_rpc(err, f"triton ({variant})") from err
+            raise error_from_rpc(err, f"triton {self._url} ({variant})") from err
         finally:
             call.cancel()

@@ -1,0 +1,159 @@
+"""Router against real Triton replicas: a replica SIGKILLed under load loses no request that had not started
+streaming, is ejected, and is re-admitted once restarted; a flooded large pool sheds `auto` requests to a smaller
+variant whose first token stays inside the latency budget."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.fixtures.router import RouterProcess, start_router, triton_replica, variant_repository
+
+VARIANT = "smollm2-135m"
+QUESTIONS = ["What is the capital of France?", "Name a primary color.", "What is 2 plus 2?", "Say hello."]
+
+
+def generate_request(
+    question: str, max_tokens: int, tier: str = "paid", model: str = "auto"
+) -> router_pb2.GenerateRequest:
+    return router_pb2.GenerateRequest(
+        request_id=f"t-{time.monotonic_ns()}",
+        tier=tier,
+        model=model,
+        messages=[common_pb2.ChatMessage(role="user", content=question)],
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
+    )
+
+
+async def one_request(
+    stub: router_pb2_grpc.RouterServiceStub, request: router_pb2.GenerateRequest
+) -> tuple[str, bool, float | None, str]:
+    """(outcome, streamed before the outcome, seconds to first token, variant)."""
+    started, first, variant = False, None, ""
+    begin = time.monotonic()
+    try:
+        async for chunk in stub.Generate(request, timeout=90):
+            if chunk.HasField("route"):
+                variant = chunk.route.variant
+            if chunk.delta and not started:
+                started, first = True, time.monotonic() - begin
+        return "ok", started, first, variant
+    except grpc.aio.AioRpcError as err:
+        return err.code().name, started, first, variant
+
+
+def wait_for_metric(router: RouterProcess, name: str, value: float, timeout: float, **labels: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if router.metric(name, **labels) == value:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{name}{labels} never became {value} (last {router.metric(name, **labels)})")
+
+
+def test_sigkilled_replica_loses_no_unstarted_request_and_is_readmitted(model_repository: Path, tmp_path: Path) -> None:
+    a = triton_replica(model_repository, tmp_path, "triton-a").start([VARIANT])
+    b = triton_replica(model_repository, tmp_path, "triton-b").start([VARIANT])
+    router = start_router([a.grpc_url, b.grpc_url], model_repository, tmp_path)
+    try:
+        outcomes = asyncio.run(_load_with_kill(router.target, b, kill_after_s=3.0, total_s=8.0))
+        assert len(outcomes) >= 8, outcomes
+        lost = [o for o in outcomes if o[0] != "ok" and not o[1]]
+        assert not lost, f"requests failed before streaming anything: {lost}"
+        broken = [o for o in outcomes if o[0] != "ok"]
+        assert all(o[0] == "UNAVAILABLE" for o in broken), broken
+        wait_for_metric(router, "llmesh_router_replica_healthy", 0.0, 10, replica=b.grpc_url)
+        assert router.metric("llmesh_router_replica_healthy", replica=a.grpc_url) == 1.0
+
+        b.start([VARIANT])
+        wait_for_metric(router, "llmesh_router_replica_healthy", 1.0, 30, replica=b.grpc_url)
+        label = {"variant": VARIANT, "replica": b.grpc_url}
+        before = router.metric("llmesh_router_ttft_seconds_count", **label) or 0.0
+        after_restart = asyncio.run(_burst(router.target, 6))
+        assert all(o[0] == "ok" for o in after_restart), after_restart
+        assert (router.metric("llmesh_router_ttft_seconds_count", **label) or 0.0) > before, "b got no work back"
+    finally:
+        router.process.stop()
+        a.process.stop()
+        b.process.stop()
+
+
+async def _burst(target: str, n: int) -> list[tuple[str, bool, float | None, str]]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        return list(await asyncio.gather(*(one_request(stub, generate_request(QUESTIONS[i % 4], 8)) for i in range(n))))
+
+
+async def _load_with_kill(
+    target: str, victim, kill_after_s: float, total_s: float
+) -> list[tuple[str, bool, float | None, str]]:  # type: ignore[no-untyped-def]
+    outcomes: list[tuple[str, bool, float | None, str]] = []
+    stop = time.monotonic() + total_s
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+
+        async def worker(index: int) -> None:
+            while time.monotonic() < stop:
+                outcomes.append(await one_request(stub, generate_request(QUESTIONS[index % 4], 24)))
+
+        async def killer() -> None:
+            await asyncio.sleep(kill_after_s)
+            os.killpg(victim.process.pid, signal.SIGKILL)
+
+        # No request may hang: the whole run is bounded.
+        await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(4)), killer()), timeout=total_s + 120)
+    return outcomes
+
+
+def test_flooded_large_pool_degrades_auto_requests(model_repository: Path, tmp_path: Path) -> None:
+    repository = variant_repository(model_repository, tmp_path / "repo", ["small", "large"])
+    policy = tmp_path / "policy.toml"
+    # Paid goes to "large" by default; shed load once large's first-token p95 reaches 0.5 s of the 2 s budget.
+    policy.write_text(
+        '[variants]\norder = ["small", "large"]\n[tiers.paid]\ndefault = "large"\n'
+        "[complexity]\nup = 2.0\ndown = -1.0\n[load]\nttft_budget_s = 2.0\ndegrade_at = 0.25\n"
+    )
+    triton = triton_replica(repository, tmp_path, "triton").start(["small", "large"])
+    router = start_router([triton.grpc_url], repository, tmp_path, policy_file=policy)
+    try:
+        flood, probes = asyncio.run(_flood_then_probe(router))
+        degraded = [p for p in probes if p[3] == "small"]
+        assert probes and all(p[0] == "ok" for p in probes), probes
+        assert len(degraded) >= len(probes) * 0.8, f"auto requests were not shed to the small pool: {probes}"
+        first_tokens = sorted(p[2] for p in degraded if p[2] is not None)
+        p95 = first_tokens[max(0, int(0.95 * len(first_tokens)) - 1)]
+        assert p95 < 2.0, f"degraded requests' first-token p95 {p95:.2f}s broke the 2 s budget"
+        assert all(f[0] == "ok" for f in flood), "the pinned flood itself must still be served"
+        assert (router.metric("llmesh_router_decisions_total", tier="paid", variant="small", reason="load") or 0) > 0
+    finally:
+        router.process.stop()
+        triton.process.stop()
+
+
+async def _flood_then_probe(router: RouterProcess) -> tuple[list, list]:  # type: ignore[type-arg]
+    async with grpc.aio.insecure_channel(router.target) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        # Pinned requests never degrade: they pile up on "large".
+        flood = [
+            asyncio.create_task(one_request(stub, generate_request(QUESTIONS[i % 4] * 20, 48, model="large")))
+            for i in range(16)
+        ]
+        deadline = time.monotonic() + 60
+        while (router.metric("llmesh_router_ttft_p95_seconds", variant="large") or 0.0) < 0.5:
+            assert time.monotonic() < deadline, "the flood never loaded the large pool"
+            await asyncio.sleep(0.2)
+        probes = []
+        for i in range(5):
+            probes.append(await one_request(stub, generate_request(QUESTIONS[i % 4], 8)))
+        return list(await asyncio.gather(*flood)), probes
+
+
+pytestmark = pytest.mark.slow
