@@ -40,6 +40,8 @@ def build_request(
     request = service_pb2.ModelInferRequest(model_name=variant, id=request_id)
     if priority:
         request.parameters["priority"].uint64_param = priority
+        # Triton consumes "priority" for its queue; the model's own continuous-batching queue reads this one.
+        request.parameters["llmesh_priority"].int64_param = priority
     # Without this Triton sends no response for a final flag that carries no tensors (e.g. after cancellation),
     # and the client could not tell that the request is over.
     request.parameters["triton_enable_empty_final_response"].bool_param = True

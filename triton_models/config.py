@@ -29,30 +29,104 @@ def default_gguf_path() -> Path:
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """One Triton model built from the checkpoint: its name and how its weights are stored (weights.py)."""
+
+    name: str
+    weights: str  # "fp32" | "gguf" (the GGUF's own 4/8-bit blocks) | "q8"
+    description: str
+    # Speculative decoding: the variant (built in the same repository) whose model drafts tokens; "" = off.
+    draft: str = ""
+
+
+# The variants `llmesh build` makes by default. The router picks the alphabetically first for `model: auto`
+# unless told otherwise; "smollm2-135m" (fp32, the reference numerics) stays first.
+KNOWN_VARIANTS = {
+    "smollm2-135m": VariantSpec(
+        "smollm2-135m",
+        "fp32",
+        "SmolLM2-135M-Instruct, fp32 weights (dequantized GGUF)",
+        draft="smollm2-135m-int8",
+    ),
+    "smollm2-135m-int8": VariantSpec(
+        "smollm2-135m-int8",
+        "gguf",
+        "SmolLM2-135M-Instruct, the GGUF's 4-bit (Q4_1) / 8-bit (Q8_0) weight blocks, int8 compute",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class BuildSettings:
     """Everything that decides what `ensure_model_repository` builds (all of it goes into the content hash,
     except `cache_dir`, which only says where the result is kept)."""
 
     gguf_path: Path = field(default_factory=default_gguf_path)
-    # Triton model name, and the folder name in the model repository.
-    variant: str = "smollm2-135m"
+    # Triton models to build (names from KNOWN_VARIANTS); the first is the "primary" one tests talk to.
+    variants: tuple[str, ...] = ("smollm2-135m", "smollm2-135m-int8")
     # Longest prompt + generation the served model accepts (the GGUF allows 8192; KV cache memory and
     # attention cost grow with it, so serve less by default).
     max_context: int = 2048
-    max_batch_size: int = 8
-    max_queue_delay_us: int = 10000
+    # Triton hands at most this many requests to one execute(); the engine batches them continuously.
+    max_batch_size: int = 64
+    # Triton dynamic batcher delay (0-100 ms). execute() only queues into the engine, so this mostly adds
+    # latency at low load; kept configurable as the issue asks.
+    max_queue_delay_us: int = 50000
+    # Triton queue: requests beyond this many waiting are rejected at once; waiting longer than the timeout
+    # is rejected too (0 = no timeout). Priority levels: 1 enterprise, 2 paid, 3 free (the default).
+    max_queue_size: int = 256
+    queue_timeout_us: int = 0
     # onnxruntime intra-op threads inside the Triton model instance.
     ort_threads: int = 2
+    # Engine (engine.EngineConfig): decode batch limit, KV budget in tokens, prefill chunk, prefix cache.
+    max_running: int = 32
+    kv_budget_tokens: int = 32768
+    prefill_chunk: int = 256
+    prefix_cache: bool = True
+    max_cached: int = 16
+    # Speculative decoding for variants that name a draft (VariantSpec.draft) built in the same repository:
+    # draft tokens per round; 0 turns it off everywhere.
+    speculative_k: int = 4
     cache_dir: Path = field(default_factory=paths.cache_dir)
 
+    @property
+    def variant(self) -> str:
+        """The primary variant (the first built)."""
+        return self.variants[0]
+
     def __post_init__(self) -> None:
-        if not self.variant or "/" in self.variant or self.variant.startswith("."):
-            raise ValueError(f"variant must be a plain folder name, got {self.variant!r}")
-        for name in ("max_context", "max_batch_size", "ort_threads"):
+        if not self.variants:
+            raise ValueError("variants must name at least one variant")
+        for name in self.variants:
+            if name not in KNOWN_VARIANTS:
+                raise ValueError(f"unknown variant {name!r}; known: {', '.join(KNOWN_VARIANTS)}")
+        for name in (
+            "max_context",
+            "max_batch_size",
+            "ort_threads",
+            "max_running",
+            "kv_budget_tokens",
+            "prefill_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if not 0 <= self.max_queue_delay_us <= 100_000:
+            raise ValueError(f"max_queue_delay_us must be in [0, 100000], got {self.max_queue_delay_us}")
+        if self.max_queue_size < 1 or self.queue_timeout_us < 0 or self.max_cached < 0:
+            raise ValueError("max_queue_size must be >= 1, queue_timeout_us and max_cached >= 0")
+
+    def engine(self, variant: str) -> dict[str, int | bool | str]:
+        spec = KNOWN_VARIANTS[variant]
+        draft = spec.draft if spec.draft in self.variants else ""
+        return {
+            "draft": draft,
+            "speculative_k": self.speculative_k if draft else 0,
+            "max_running": self.max_running,
+            "kv_budget_tokens": self.kv_budget_tokens,
+            "prefill_chunk": self.prefill_chunk,
+            "prefix_cache": self.prefix_cache,
+            "max_cached": self.max_cached,
+        }
 
 
 METADATA_FILE = "llmesh_model.json"
@@ -76,6 +150,8 @@ class ModelMetadata:
     eos_token: str | None
     chat_template: str | None
     ort_threads: int
+    weights: str = "fp32"  # VariantSpec.weights
+    engine: dict[str, int | bool | str] = field(default_factory=dict)  # engine.EngineConfig fields
 
     def to_json(self) -> str:
         import json

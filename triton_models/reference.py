@@ -1,8 +1,9 @@
 """A plain PyTorch Llama on the GGUF's dequantized weights: the numerical reference for the ONNX export.
 
-Deliberately simple and independent of export.py: no KV cache, no padding, full recompute per token, and RoPE
-written the way the GGUF stores Q/K (rotating *adjacent* pairs: dims 0/1, 2/3, ...). The export uses a
-different but equivalent layout, so agreement between the two is a real check. Build/test time only.
+Deliberately simple and independent of graph.py: no KV cache, no padding, full recompute per token, and RoPE
+written the way the GGUF stores Q/K (rotating *adjacent* pairs: dims 0/1, 2/3, ...). The served graph uses
+a different but equivalent layout (GroupQueryAttention rotary), so agreement between the two is a real check.
+Build/test time only.
 """
 
 from __future__ import annotations

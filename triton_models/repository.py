@@ -3,11 +3,11 @@
 Layout of the returned directory:
 
     <cache_dir>/models/<hash>/            <- the Triton model repository (pass to --model-repository)
-        <variant>/config.pbtxt
+        <variant>/config.pbtxt            one folder per BuildSettings.variants entry
         <variant>/1/model.py              copy of triton_models/python_model.py
-        <variant>/1/model.onnx            decoder graph (contract in export.py)
+        <variant>/1/model.onnx            decoder graph (contract in graph.py) + model.onnx.data (weights)
         <variant>/1/tokenizer.json
-        <variant>/1/llmesh_model.json     ModelMetadata (config.py)
+        <variant>/1/llmesh_model.json     ModelMetadata (config.py), engine settings included
 
 The hash covers the GGUF's bytes, the source of every module that shapes the output, the settings (except
 cache_dir) and the versions of the tools that produce the files, so a changed input gives a new directory and an
@@ -32,17 +32,17 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from triton_models.config import METADATA_FILE, BuildSettings, ModelMetadata
+from triton_models.config import KNOWN_VARIANTS, METADATA_FILE, BuildSettings, ModelMetadata
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Modules whose source decides what lands in the repository. engine.py is not here on purpose: model.py
 # imports it from the installed project at serve time, so changing it needs a Triton restart, not a rebuild.
-_SOURCES = ("config.py", "gguf_loader.py", "export.py", "tokenizer.py", "repository.py", "python_model.py")
-_TOOLS = ("torch", "onnx", "gguf", "tokenizers", "numpy")
+_SOURCES = ("config.py", "gguf_loader.py", "graph.py", "weights.py", "tokenizer.py", "repository.py", "python_model.py")
+_TOOLS = ("onnx", "gguf", "tokenizers", "numpy")
 # Bump to force a rebuild when the layout changes in a way the hashed sources do not show.
-_FORMAT = 1
+_FORMAT = 2
 
 
 def _file_sha256(path: Path) -> str:
@@ -100,41 +100,54 @@ def ensure_model_repository(settings: BuildSettings) -> Path:
 
 def _build(settings: BuildSettings, repo: Path) -> None:
     # Build-only dependencies are imported here so that importing this module (e.g. for build_key) stays light.
-    from triton_models.export import export_onnx
     from triton_models.gguf_loader import load_gguf
+    from triton_models.graph import build_graph, save_graph
     from triton_models.tokenizer import TOKENIZER_FILE, build_tokenizer, eos_token_ids
+    from triton_models.weights import from_gguf
 
-    model = load_gguf(settings.gguf_path)
+    model = load_gguf(settings.gguf_path, with_weights=False)
     cfg, tok = model.config, model.tokenizer
     if settings.max_context > cfg.context_length:
         raise ValueError(f"max_context {settings.max_context} exceeds the model's {cfg.context_length} tokens")
-    version = repo / settings.variant / "1"
-    version.mkdir(parents=True)
+    tokenizer = build_tokenizer(tok)
+    for name in settings.variants:
+        spec = KNOWN_VARIANTS[name]
+        started = time.monotonic()
+        version = repo / name / "1"
+        version.mkdir(parents=True)
+        weights = from_gguf(settings.gguf_path, spec.weights)  # type: ignore[arg-type]
+        save_graph(build_graph(weights, settings.max_context), version / "model.onnx")
+        del weights
+        tokenizer.save(str(version / TOKENIZER_FILE))
+        metadata = ModelMetadata(
+            variant=name,
+            context_length=settings.max_context,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.n_layers,
+            num_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            eos_token_ids=eos_token_ids(tok),
+            bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
+            eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
+            chat_template=tok.chat_template,
+            ort_threads=settings.ort_threads,
+            weights=spec.weights,
+            engine=settings.engine(name),
+        )
+        (version / METADATA_FILE).write_text(metadata.to_json())
+        shutil.copyfile(_PACKAGE_DIR / "python_model.py", version / "model.py")
+        (repo / name / "config.pbtxt").write_text(render_config(settings, name))
+        log.info("built variant %s (%s weights) in %.1f s", name, spec.weights, time.monotonic() - started)
 
-    export_onnx(cfg, model.weights, settings.max_context, version / "model.onnx")
-    build_tokenizer(tok).save(str(version / TOKENIZER_FILE))
-    metadata = ModelMetadata(
-        variant=settings.variant,
-        context_length=settings.max_context,
-        vocab_size=cfg.vocab_size,
-        num_layers=cfg.n_layers,
-        num_kv_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        eos_token_ids=eos_token_ids(tok),
-        bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
-        eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
-        chat_template=tok.chat_template,
-        ort_threads=settings.ort_threads,
-    )
-    (version / METADATA_FILE).write_text(metadata.to_json())
-    shutil.copyfile(_PACKAGE_DIR / "python_model.py", version / "model.py")
-    (repo / settings.variant / "config.pbtxt").write_text(render_config(settings))
 
-
-def render_config(settings: BuildSettings) -> str:
+def render_config(settings: BuildSettings, variant: str) -> str:
     """config.pbtxt; the I/O contract is documented at the top of python_model.py."""
+    timeout = settings.queue_timeout_us
+    preferred = ", ".join(str(p) for p in (8, 16, 32, 64) if p <= settings.max_batch_size) or str(
+        settings.max_batch_size
+    )
     return f"""\
-name: "{settings.variant}"
+name: "{variant}"
 backend: "python"
 max_batch_size: {settings.max_batch_size}
 
@@ -144,8 +157,20 @@ model_transaction_policy {{
   decoupled: true
 }}
 
+# execute() hands requests to the model's continuous-batching engine and returns at once; this queue only
+# orders and bounds the handover. Priority 1 = enterprise, 2 = paid, 3 = free (default); a full queue or a
+# timed-out request gets an error at once.
 dynamic_batching {{
+  preferred_batch_size: [ {preferred} ]
   max_queue_delay_microseconds: {settings.max_queue_delay_us}
+  priority_levels: 3
+  default_priority_level: 3
+  default_queue_policy {{
+    timeout_action: REJECT
+    default_timeout_microseconds: {timeout}
+    allow_timeout_override: true
+    max_queue_size: {settings.max_queue_size}
+  }}
 }}
 
 instance_group [
@@ -177,6 +202,12 @@ input [
   {{
     name: "top_p"
     data_type: TYPE_FP32
+    dims: [ 1 ]
+    optional: true
+  }},
+  {{
+    name: "top_k"
+    data_type: TYPE_INT32
     dims: [ 1 ]
     optional: true
   }},

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.fixtures.triton import TritonServer
-from triton_models.engine import GenerationRequest, Generator, SamplingParams
+from triton_models.engine import Engine, GenerationRequest, SamplingParams
 from triton_models.tokenizer import ChatTokenizer
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ class StreamingClient:
         self.events: queue.Queue[tuple[float, Any, InferenceServerException | None]] = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.events.put((time.monotonic(), result, error)))
 
-    def send(self, request_id: str, ids: list[int], max_tokens: int, **optional: float | int) -> None:
+    def send(self, request_id: str, ids: list[int], max_tokens: int, model: str = "", **optional: float | int) -> None:
         def tensor(name: str, datatype: str, value: np.ndarray) -> grpcclient.InferInput:
             t = grpcclient.InferInput(name, list(value.shape), datatype)
             t.set_data_from_numpy(value)
@@ -52,11 +52,16 @@ class StreamingClient:
             tensor("input_ids", "INT64", np.array([ids], dtype=np.int64).reshape(1, len(ids))),
             tensor("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
         ]
-        types = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "seed": ("INT64", np.int64)}
+        types = {
+            "temperature": ("FP32", np.float32),
+            "top_p": ("FP32", np.float32),
+            "top_k": ("INT32", np.int32),
+            "seed": ("INT64", np.int64),
+        }
         for name, value in optional.items():
             datatype, dtype = types[name]
             inputs.append(tensor(name, datatype, np.array([[value]], dtype=dtype)))
-        self.client.async_stream_infer(self.server.variant, inputs, request_id=request_id)
+        self.client.async_stream_infer(model or self.server.variant, inputs, request_id=request_id)
 
     def next_event(self) -> tuple[float, Any, InferenceServerException | None]:
         return self.events.get(timeout=RESPONSE_TIMEOUT_S)
@@ -119,17 +124,17 @@ def test_max_tokens_gives_length(client: StreamingClient, chat_tokenizer: ChatTo
 
 
 def test_concurrent_requests_are_batched_and_match_the_engine(
-    client: StreamingClient, chat_tokenizer: ChatTokenizer, generator: Generator, triton_server: TritonServer
+    client: StreamingClient, chat_tokenizer: ChatTokenizer, engine: Engine, triton_server: TritonServer
 ) -> None:
     questions = ["What is the capital of France?", "Name a color.", "Why do birds sing? Answer briefly."]
     prompts = [chat(chat_tokenizer, q) for q in questions]
     before = _batched_executions(triton_server)
-    for i, prompt in enumerate(prompts):  # one stream, sent back to back: within the 10 ms queue delay
+    for i, prompt in enumerate(prompts):  # one stream, sent back to back: within the 50 ms queue delay
         client.send(f"q{i}", prompt, max_tokens=24)
     streams = client.collect([f"q{i}" for i in range(len(prompts))])
     assert _batched_executions(triton_server) > before, "the dynamic batcher never formed a batch > 1"
     for i, prompt in enumerate(prompts):
-        [expected] = generator.generate([GenerationRequest(prompt, SamplingParams(max_tokens=24))])
+        [expected] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=24))])
         assert (streams[f"q{i}"].tokens, streams[f"q{i}"].finish_reason) == (
             expected.token_ids,
             expected.finish_reason,
@@ -140,6 +145,45 @@ def _batched_executions(server: TritonServer) -> int:
     """How many model executions so far had more than one request (Triton's per-batch-size statistics)."""
     stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(server.variant)
     return sum(int(b.compute_infer.count) for b in stats.model_stats[0].batch_stats if b.batch_size > 1)
+
+
+def test_a_newcomer_joins_a_running_generation(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    """Continuous batching through Triton: a short request sent while a long one streams finishes first."""
+    client.send("long", chat(chat_tokenizer, "Count from 1 to 200."), max_tokens=150)
+    for _ in range(5):  # the long one is decoding
+        _, result, error = client.next_event()
+        assert error is None and result.get_response().id == "long"
+    client.send("short", chat(chat_tokenizer, "Name a color."), max_tokens=4)
+    streams = client.collect(["long", "short"])
+    assert streams["short"].finish_reason == "length" and len(streams["short"].tokens) == 4
+    assert streams["short"].arrival[-1] < streams["long"].arrival[-1]
+    assert streams["long"].finish_reason in ("stop", "length")
+
+
+def test_int8_variant_is_served(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    question = "What is the capital of France? Answer in one sentence."
+    client.send("q", chat(chat_tokenizer, question), max_tokens=40, model="smollm2-135m-int8")
+    stream = client.collect(["q"])["q"]
+    assert stream.finish_reason == "stop" and "Paris" in chat_tokenizer.decode(stream.tokens)
+
+
+def test_engine_metrics_are_exported(
+    client: StreamingClient, chat_tokenizer: ChatTokenizer, triton_server: TritonServer
+) -> None:
+    import urllib.request
+
+    client.send("m", chat(chat_tokenizer, "Name a color."), max_tokens=3)
+    client.collect(["m"])
+    time.sleep(0.2)  # gauges are refreshed when the engine goes idle
+    text = urllib.request.urlopen(triton_server.metrics_url, timeout=10).read().decode()
+    for name in (
+        "kv_blocks_total",
+        "kv_blocks_used",
+        "prefix_hits_total",
+        "generated_tokens_total",
+        "process_max_rss_bytes",
+    ):
+        assert f'llmesh_engine_{name}{{variant="{triton_server.variant}"}}' in text, name
 
 
 def test_sampling_with_seed_is_reproducible(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:

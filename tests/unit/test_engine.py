@@ -1,16 +1,18 @@
-"""triton_models.engine: batching, sampling, stopping and cancellation on the real exported model."""
+"""triton_models.engine on the real built model: answers, continuous batching, prefix cache, cancellation,
+KV budget and sampling (the scheduler's logic is checked exactly with a fake model in test_scheduler.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from triton_models.engine import (
+    Engine,
+    EngineConfig,
     GenerationRequest,
-    GenerationResult,
-    Generator,
     InvalidRequest,
     Sampler,
     SamplingParams,
@@ -20,142 +22,239 @@ from triton_models.tokenizer import ChatTokenizer
 # Runs the built ONNX model.
 pytestmark = pytest.mark.slow
 
+QUESTION = "What is the capital of France? Answer in one sentence."
+
 
 def chat(tokenizer: ChatTokenizer, question: str) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
 
 
-class RecordingSession:
-    """Wraps the onnxruntime session to record the batch size of every graph call."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.batch_sizes: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> Any:
-        self.batch_sizes.append(int(feeds["input_ids"].shape[0]))
-        return self._inner.run(output_names, feeds)
+def greedy(engine: Engine, prompt: list[int], max_tokens: int = 24) -> list[int]:
+    [result] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens))])
+    return result.token_ids
 
 
 @pytest.fixture
-def recording(generator: Generator) -> tuple[Generator, RecordingSession]:
-    session = RecordingSession(generator.session)
-    return Generator(session, generator.metadata), session  # type: ignore[arg-type]
+def small_engine(model_version_dir: Path) -> Iterator[Engine]:
+    """A private engine with a tiny KV budget and prefill chunk (exercises waiting, preemption, chunking)."""
+    engine = Engine.from_model_dir(
+        model_version_dir, EngineConfig(max_running=8, kv_budget_tokens=512, prefill_chunk=32, max_cached=4)
+    )
+    yield engine
+    engine.close()
 
 
-def test_answers_and_stops_on_eos(generator: Generator, chat_tokenizer: ChatTokenizer) -> None:
-    prompt = chat(chat_tokenizer, "What is the capital of France?")
-    [result] = generator.generate([GenerationRequest(prompt, SamplingParams(max_tokens=64))])
+@pytest.mark.parametrize("fixture", ["engine", "int8_engine"])
+def test_answers_and_stops_on_eos(fixture: str, request: pytest.FixtureRequest, chat_tokenizer: ChatTokenizer) -> None:
+    engine: Engine = request.getfixturevalue(fixture)
+    [result] = engine.generate([GenerationRequest(chat(chat_tokenizer, QUESTION), SamplingParams(max_tokens=40))])
     assert result.finish_reason == "stop"
     assert "Paris" in chat_tokenizer.decode(result.token_ids)
-    assert not set(result.token_ids) & generator.eos_token_ids
+    assert not set(result.token_ids) & engine.eos_token_ids
 
 
-def test_max_tokens_gives_length(generator: Generator, chat_tokenizer: ChatTokenizer) -> None:
-    prompt = chat(chat_tokenizer, "Write a long story about a dragon.")
-    for n in (1, 7):
-        [result] = generator.generate([GenerationRequest(prompt, SamplingParams(max_tokens=n))])
-        assert (result.finish_reason, len(result.token_ids)) == ("length", n)
+def test_max_tokens_gives_length(engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
+    [result] = engine.generate([GenerationRequest(chat(chat_tokenizer, "Count to 50."), SamplingParams(max_tokens=5))])
+    assert result.finish_reason == "length" and len(result.token_ids) == 5
 
 
-def test_batched_greedy_equals_one_at_a_time(generator: Generator, chat_tokenizer: ChatTokenizer) -> None:
-    questions = [
-        "Hi",
-        "What is the capital of France?",
-        "Name three animals that live in the ocean and describe each in a sentence.",
-        "Why is the sky blue?",
-    ]
-    requests = [GenerationRequest(chat(chat_tokenizer, q), SamplingParams(max_tokens=24)) for q in questions]
-    assert len({len(r.prompt_ids) for r in requests}) == len(requests)  # really ragged: left padding is used
-    alone = [generator.generate([r])[0] for r in requests]
-    together = generator.generate(requests)
-    for a, b in zip(alone, together, strict=True):
-        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+def test_batched_and_joined_greedy_equals_one_at_a_time(engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
+    prompts = [chat(chat_tokenizer, q) for q in (QUESTION, "Write a haiku about the sea.", "Name three colors.")]
+    alone = [greedy(engine, p) for p in prompts]
+    # Two start together; the third joins while they decode.
+    sinks: list[list[int]] = [[], [], []]
+    results = [None, None, None]
+
+    class Sink:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def token(self, t: int) -> None:
+            sinks[self.i].append(t)
+
+        def finish(self, reason: str) -> None:
+            results[self.i] = reason  # type: ignore[call-overload]
+
+        def fail(self, message: str) -> None:
+            raise AssertionError(message)
+
+        def cancelled(self) -> bool:
+            return False
+
+    for i in (0, 1):
+        engine.submit(GenerationRequest(prompts[i], SamplingParams(max_tokens=24)), Sink(i))
+    for _ in range(4):
+        engine.step()
+    assert len(engine.running) == 2
+    engine.submit(GenerationRequest(prompts[2], SamplingParams(max_tokens=24)), Sink(2))
+    while engine.has_work():
+        engine.step()
+    assert sinks == alone and None not in results
 
 
-def test_callbacks_see_every_token_and_one_finish(generator: Generator, chat_tokenizer: ChatTokenizer) -> None:
-    requests = [
-        GenerationRequest(chat(chat_tokenizer, "What is the capital of France?"), SamplingParams(max_tokens=40)),
-        GenerationRequest(chat(chat_tokenizer, "Count from one to fifty."), SamplingParams(max_tokens=5)),
-    ]
-    streamed: dict[int, list[int]] = {0: [], 1: []}
-    finished: list[tuple[int, str | None]] = []
+def test_prefix_cache_hit_gives_identical_logits(engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
+    system = "You are a careful assistant. " * 12
+    first = chat_tokenizer.encode(
+        chat_tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}])
+    )
+    second = chat_tokenizer.encode(
+        chat_tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}]
+        )
+    )
+    expected = engine.score(second)  # computed from scratch
+    greedy(engine, first, 4)  # finishes -> its KV blocks stay in the prefix cache
+    hits, saved = engine.stats.prefix_hits, engine.stats.prefill_tokens_saved
+    captured: list[np.ndarray] = []
+    forward = engine.runner.forward
 
-    def on_finish(i: int, result: GenerationResult) -> None:
-        finished.append((i, result.finish_reason))
+    def recording(*args):  # type: ignore[no-untyped-def]
+        out = forward(*args)
+        captured.append(out)
+        return out
 
-    results = generator.generate(requests, on_token=lambda i, t: streamed[i].append(t), on_finish=on_finish)
-    assert [streamed[0], streamed[1]] == [r.token_ids for r in results]
-    # The 5-token request finishes first, without waiting for its neighbour.
-    assert finished == [(1, "length"), (0, "stop")]
+    engine.runner.forward = recording  # type: ignore[method-assign]
+    try:
+        greedy(engine, second, 1)
+    finally:
+        engine.runner.forward = forward  # type: ignore[method-assign]
+    assert engine.stats.prefix_hits == hits + 1 and engine.stats.prefill_tokens_saved - saved >= 64
+    error = float(np.abs(captured[-1][0] - expected).max())
+    print(f"\nprefix-cache hit vs full prefill: max abs logit error {error:.2e}")
+    assert error < 1e-3
 
 
-def test_seed_determinism(generator: Generator, chat_tokenizer: ChatTokenizer) -> None:
-    prompt = chat(chat_tokenizer, "Tell me a story about a cat.")
+def test_cancellation_frees_blocks_and_the_other_stream_goes_on(
+    small_engine: Engine, chat_tokenizer: ChatTokenizer
+) -> None:
+    class Sink:
+        def __init__(self) -> None:
+            self.tokens: list[int] = []
+            self.reason = ""
+            self.cancel = False
+
+        def token(self, t: int) -> None:
+            self.tokens.append(t)
+
+        def finish(self, reason: str) -> None:
+            self.reason = reason
+
+        def fail(self, message: str) -> None:
+            raise AssertionError(message)
+
+        def cancelled(self) -> bool:
+            return self.cancel
+
+    prompt = chat(chat_tokenizer, "Count from 1 to 100.")
+    a, b = Sink(), Sink()
+    small_engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=30)), a)
+    small_engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=30)), b)
+    for _ in range(5):
+        small_engine.step()
+    blocks_b = next(s.blocks for s in small_engine.running if s.sink is b)
+    used = small_engine.blocks_used
+    b.cancel = True
+    small_engine.step()
+    assert b.reason == "cancelled" and small_engine.blocks_used <= used - blocks_b + 1
+    while small_engine.has_work():
+        small_engine.step()
+    assert a.reason == "length" and len(a.tokens) == 30
+
+
+def test_kv_budget_with_many_requests_waits_preempts_and_stays_correct(
+    small_engine: Engine, engine: Engine, chat_tokenizer: ChatTokenizer
+) -> None:
+    prompts = [chat(chat_tokenizer, f"Write the number {i} in words.") for i in range(12)]
+    expected = [greedy(engine, p, 16) for p in prompts]
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=16)) for p in prompts]
+    results: list[list[int]] = [[] for _ in prompts]
+    for i, r in enumerate(requests):
+        small_engine.submit(r, _ListSink(results[i]))
+    while small_engine.has_work():
+        small_engine.step()
+        assert small_engine.blocks_used <= small_engine.total_blocks
+    assert results == expected
+
+
+class _ListSink:
+    def __init__(self, out: list[int]) -> None:
+        self.out = out
+
+    def token(self, t: int) -> None:
+        self.out.append(t)
+
+    def finish(self, reason: str) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        raise AssertionError(message)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
+    prompt = chat(chat_tokenizer, "Tell me a story.")
 
     def sample(seed: int) -> list[int]:
-        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
-        return generator.generate([GenerationRequest(prompt, params)])[0].token_ids
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
+        return engine.generate([GenerationRequest(prompt, params)])[0].token_ids
 
-    assert sample(1234) == sample(1234)
-    assert len({tuple(sample(seed)) for seed in range(4)}) > 1
-
-
-def test_cancellation_drops_the_row_at_once(
-    recording: tuple[Generator, RecordingSession], chat_tokenizer: ChatTokenizer
-) -> None:
-    generator, session = recording
-    prompt = chat(chat_tokenizer, "Write a long story about a dragon.")
-    requests = [GenerationRequest(prompt, SamplingParams(max_tokens=10)) for _ in range(3)]
-    produced = [0, 0, 0]
-
-    def on_token(i: int, _token: int) -> None:
-        produced[i] += 1
-
-    results = generator.generate(requests, on_token=on_token, cancelled=lambda i: i == 1 and produced[1] >= 3)
-    assert [r.finish_reason for r in results] == ["length", "cancelled", "length"]
-    assert [len(r.token_ids) for r in results] == [10, 3, 10]
-    # prefill (3 rows), 2 decode steps with 3 rows, then the cancelled row is gone: 7 steps with 2.
-    assert session.batch_sizes == [3, 3, 3] + [2] * 7
-
-
-def test_cancelled_before_start_runs_nothing(recording: tuple[Generator, RecordingSession]) -> None:
-    generator, session = recording
-    [result] = generator.generate(
-        [GenerationRequest([1, 2, 3], SamplingParams(max_tokens=5))], cancelled=lambda i: True
-    )
-    assert (result.finish_reason, result.token_ids) == ("cancelled", [])
-    assert session.batch_sizes == []
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
 
 
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
-        ([], SamplingParams(max_tokens=4), "input_ids is empty"),
+        ([], SamplingParams(max_tokens=4), "empty"),
         ([1, 2], SamplingParams(max_tokens=0), "max_tokens must be positive"),
         ([1] * 2000, SamplingParams(max_tokens=49), "exceeds the model's context length of 2048"),
-        ([1, 49152], SamplingParams(max_tokens=4), "outside"),
-        ([1, 2], SamplingParams(max_tokens=4, temperature=-1.0), "temperature"),
+        ([1, 99999999], SamplingParams(max_tokens=4), "outside"),
+        ([1, 2], SamplingParams(max_tokens=4, temperature=-1), "temperature"),
         ([1, 2], SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+        ([1, 2], SamplingParams(max_tokens=4, top_k=-3), "top_k"),
     ],
 )
-def test_invalid_requests(generator: Generator, prompt: list[int], params: SamplingParams, message: str) -> None:
+def test_invalid_requests(engine: Engine, prompt: list[int], params: SamplingParams, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        generator.generate([GenerationRequest(prompt, params)])
+        engine.validate(GenerationRequest(prompt, params))
 
 
-def test_context_limit_is_inclusive(generator: Generator) -> None:
-    generator.validate(GenerationRequest([1] * 2040, SamplingParams(max_tokens=8)))  # exactly 2048: accepted
+def test_context_limit_is_inclusive(engine: Engine) -> None:
+    engine.validate(GenerationRequest([1] * 2000, SamplingParams(max_tokens=48)))
 
 
 def test_sampler() -> None:
-    logits = np.array([0.0, 3.0, 2.9, -1.0], dtype=np.float32)
+    logits = np.array([0.0, 5.0, 1.0, 4.9], dtype=np.float32)
     rng = np.random.default_rng(0)
     assert Sampler.sample(logits, SamplingParams(max_tokens=1), rng) == 1
-    # top_p small enough keeps only the most likely token, whatever the temperature.
-    assert {Sampler.sample(logits, SamplingParams(1, temperature=5.0, top_p=0.1), rng) for _ in range(50)} == {1}
-    # Full distribution at high temperature reaches every token.
-    assert {Sampler.sample(logits, SamplingParams(1, temperature=50.0), rng) for _ in range(400)} == {0, 1, 2, 3}
+    # top_k=1 is greedy whatever the temperature; top_p tiny keeps only the best token.
+    assert {Sampler.sample(logits, SamplingParams(max_tokens=1, temperature=5.0, top_k=1), rng) for _ in range(20)} == {
+        1
+    }
+    assert {
+        Sampler.sample(logits, SamplingParams(max_tokens=1, temperature=5.0, top_p=0.01), rng) for _ in range(20)
+    } == {1}
+    # top_k=2 never leaves the two best.
+    assert {
+        Sampler.sample(logits, SamplingParams(max_tokens=1, temperature=50.0, top_k=2), rng) for _ in range(50)
+    } <= {1, 3}
+
+
+def test_speculative_decoding_equals_plain_greedy(
+    engine: Engine, chat_tokenizer: ChatTokenizer, model_version_dir: Path
+) -> None:
+    """The fp32 variant drafts with the int8 one (4 tokens per round); its greedy output must not change."""
+    import dataclasses
+
+    assert engine.draft is not None and engine.config.speculative_k > 0
+    plain = Engine.from_model_dir(model_version_dir, dataclasses.replace(engine.config, speculative_k=0))
+    before = engine.stats.spec_proposed, engine.stats.spec_accepted
+    for question in ("Write a short story about a dragon.", "Explain how a steam engine works.", QUESTION):
+        prompt = chat(chat_tokenizer, question)
+        assert greedy(engine, prompt, 48) == greedy(plain, prompt, 48)
+    plain.close()
+    proposed, accepted = engine.stats.spec_proposed - before[0], engine.stats.spec_accepted - before[1]
+    print(f"\nspeculative acceptance {accepted}/{proposed}")
+    assert proposed > 0 and accepted / proposed > 0.5

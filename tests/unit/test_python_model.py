@@ -61,8 +61,11 @@ class FakeSender:
 
 
 class FakeRequest:
-    def __init__(self, rid: str, sender: FakeSender, **inputs: np.ndarray) -> None:
-        self.rid, self.sender, self.inputs = rid, sender, inputs
+    def __init__(self, rid: str, sender: FakeSender, params: str = "{}", **inputs: np.ndarray) -> None:
+        self.rid, self.sender, self.inputs, self.params = rid, sender, inputs, params
+
+    def parameters(self) -> str:
+        return self.params
 
     def get_response_sender(self) -> FakeSender:
         return self.sender
@@ -98,44 +101,66 @@ def request(rid: str, ids: list[int], max_tokens: int, sender: FakeSender | None
     )
 
 
-def model(pm: Any, generator: Any) -> Any:
+def model(pm: Any, engine: Any) -> Any:
     m = pm.TritonPythonModel()
-    m.logger, m.model_name, m.generator = FakeLogger, "test", generator
+    m.logger, m.model_name, m.engine = FakeLogger, "test", engine
     return m
 
 
-def test_bad_and_good_requests_in_one_batch(pm: Any, generator: Any) -> None:
+def drain(engine: Any) -> None:
+    """What the model's engine thread does: step until every submitted request is finished."""
+    while engine.has_work():
+        engine.step()
+
+
+def test_bad_and_good_requests_in_one_batch(pm: Any, engine: Any) -> None:
     bad, good = request("bad", [], 3), request("good", [1, 2, 3], 3)
-    model(pm, generator).execute([bad, good])
-    [(err, flags)] = bad.sender.sent
+    model(pm, engine).execute([bad, good])
+    [(err, flags)] = bad.sender.sent  # rejected inside execute(), before the engine sees it
     assert flags == FINAL and err.error.code == "INVALID_ARG" and err.error.message.startswith("invalid request: ")
+    drain(engine)
     assert [f for _, f in good.sender.sent] == [0, 0, 0, FINAL]
     assert good.sender.sent[-1][0].outputs["finish_reason"][0][0] == b"length"
 
 
-def test_failed_send_only_ends_that_stream(pm: Any, generator: Any) -> None:
+def test_execute_returns_before_generation(pm: Any, engine: Any) -> None:
+    r = request("r", [1, 2, 3], 3)
+    model(pm, engine).execute([r])
+    assert r.sender.sent == [] and engine.has_work()
+    drain(engine)
+    assert len(r.sender.sent) == 4
+
+
+def test_failed_send_only_ends_that_stream(pm: Any, engine: Any) -> None:
     broken, fine = request("broken", [1, 2, 3], 5, FakeSender(fail_after=1)), request("fine", [1, 2, 3], 5)
-    model(pm, generator).execute([broken, fine])
+    model(pm, engine).execute([broken, fine])
+    drain(engine)
     assert len(broken.sender.sent) == 1
     assert [f for _, f in fine.sender.sent] == [0] * 5 + [FINAL]
 
 
-def test_engine_failure_ends_every_open_stream_with_an_error(pm: Any, generator: Any) -> None:
-    class Exploding:
-        def __init__(self, inner: Any) -> None:
-            self.inner, self.metadata = inner, inner.metadata
-
-        def validate(self, r: Any) -> None:
-            self.inner.validate(r)
-
-        def generate(self, requests: Any, **_: Any) -> None:
-            raise RuntimeError("onnxruntime exploded")
-
+def test_engine_failure_ends_every_open_stream_with_an_error(pm: Any, engine: Any) -> None:
     a, b = request("a", [1, 2], 3), request("b", [3, 4], 3)
-    model(pm, Exploding(generator)).execute([a, b])
+    model(pm, engine).execute([a, b])
+    forward = engine.runner.forward
+
+    def explode(*args: Any) -> None:
+        raise RuntimeError("onnxruntime exploded")
+
+    engine.runner.forward = explode
+    try:
+        drain(engine)
+    finally:
+        engine.runner.forward = forward
     for r in (a, b):
         [(err, flags)] = r.sender.sent
         assert flags == FINAL and err.error.message == "generation failed: onnxruntime exploded"
+
+
+def test_priority_parameter(pm: Any) -> None:
+    assert pm._priority(FakeRequest("x", FakeSender(), params='{"llmesh_priority": 1}')) == 1
+    assert pm._priority(FakeRequest("x", FakeSender(), params="{}")) == 3
+    assert pm._priority(FakeRequest("x", FakeSender(), params='{"llmesh_priority": "high"}')) == 3
 
 
 def test_validate_config_names_problems(pm: Any) -> None:
@@ -149,6 +174,7 @@ def test_validate_config_names_problems(pm: Any) -> None:
                     {"name": "max_tokens", "data_type": "TYPE_INT32"},
                     {"name": "temperature", "data_type": "TYPE_FP32", "optional": True},
                     {"name": "top_p", "data_type": "TYPE_FP32", "optional": True},
+                    {"name": "top_k", "data_type": "TYPE_INT32", "optional": True},
                 ],
                 "output": [
                     {"name": "token_ids", "data_type": "TYPE_INT64"},

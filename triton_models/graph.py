@@ -1,0 +1,336 @@
+"""Build the serving decoder graph directly with onnx.helper from a Llama-family checkpoint (no torch needed).
+
+The graph uses onnxruntime's fused contrib ops, so one decode step is ~10 kernels per layer instead of ~40:
+SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm + residual add), MatMulNBits (block-
+quantized weights) or MatMul (fp32), GroupQueryAttention (RoPE + causal attention + KV cache write).
+
+Graph contract (B rows, S new tokens per row, L = KV buffer length per row):
+
+  inputs   input_ids              int64 [B, S]
+           seqlens_k              int32 [B]       tokens of each row after this step, minus 1
+           total_sequence_length  int32 []        max over rows of (seqlens_k + 1); must be > 1 when S == 1
+           logits_index           int64 [R]       flat positions (b * S + s) whose logits are returned
+           past_key_<i>           fp32 [B, n_kv, L, head_dim]   the KV buffer (rows are right-padded)
+           past_value_<i>
+  outputs  logits                 fp32 [R, vocab]
+           present_key_<i>        fp32 [B, n_kv, L, head_dim]   bind to the SAME memory as past_key_<i>:
+           present_value_<i>                                    GroupQueryAttention then writes only the new
+                                                                tokens' K/V in place (no copy of the cache)
+
+GroupQueryAttention derives RoPE positions from seqlens_k, so rows need no position input. Its CPU kernel
+accepts S > 1 together with a past only for B == 1 (chunked prefill, speculative verification), and S == 1
+decode steps for any B; the engine schedules accordingly.
+
+RoPE: GGUF Llama tensors store Q/K rows permuted so that RoPE rotates adjacent pairs (2i, 2i+1); that is
+GroupQueryAttention's `rotary_interleaved=1`, so the rows are used as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from triton_models.gguf_loader import LlamaConfig
+
+Float32Array = npt.NDArray[np.float32]
+UInt8Array = npt.NDArray[np.uint8]
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+BLOCK = 32  # MatMulNBits block length along K (the GGUF block length too)
+
+WeightFormat = Literal["fp32", "q4", "q8"]
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """A [N, K] linear weight as MatMulNBits stores it: w[n, k] = (q[n, k] - zero[n, k // 32]) * scale[n, k // 32]."""
+
+    n: int
+    k: int
+    bits: int
+    packed: UInt8Array  # [N, K / 32, 32 * bits / 8]
+    scales: Float32Array  # [N, K / 32]
+    zero_points: npt.NDArray[np.generic]  # uint8 [N, K/32 * bits / 8] (packed) or float32 [N, K/32]
+    # Optional per-block additive term [N, K/32]: w += offsets[n, k // 32]. GGUF Q4_1 blocks are d * q + m; the
+    # kernel's fast path takes only integer zero points, so m is applied as a tiny extra matmul of per-block
+    # activation sums (see _Builder.linear) and the weights stay exactly the GGUF's.
+    offsets: Float32Array | None = None
+
+    def dequantize(self) -> Float32Array:
+        q = unpack(self.packed, self.bits).astype(np.float32).reshape(self.n, -1, BLOCK)
+        zero: npt.NDArray[np.generic]
+        if self.zero_points.dtype == np.uint8:
+            packed_zero = self.zero_points.astype(np.uint8).reshape(self.n, 1, -1)
+            zero = unpack(packed_zero, self.bits).reshape(self.n, -1)[:, : q.shape[1]]
+        else:
+            zero = self.zero_points
+        w = (q - zero.astype(np.float32)[:, :, None]) * self.scales[:, :, None]
+        if self.offsets is not None:
+            w = w + self.offsets[:, :, None]
+        return w.reshape(self.n, self.k).astype(np.float32)
+
+
+def pack(values: npt.NDArray[np.integer], bits: int) -> UInt8Array:
+    """Pack unsigned ints along the last axis, MatMulNBits order (4-bit: element 2j in the low nibble)."""
+    v = values.astype(np.uint8)
+    if bits == 8:
+        return v
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(packed: UInt8Array, bits: int) -> UInt8Array:
+    if bits == 8:
+        return packed
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def quantize_blockwise(weight: Float32Array, bits: int) -> QuantizedLinear:
+    """Asymmetric per-block (32) quantization of a [N, K] fp32 weight (for checkpoints that are not GGUF)."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    levels = (1 << bits) - 1
+    blocks = weight.reshape(n, k // BLOCK, BLOCK).astype(np.float64)
+    lo = np.minimum(blocks.min(axis=2), 0.0)
+    hi = np.maximum(blocks.max(axis=2), 0.0)
+    scale = (hi - lo) / levels
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, levels)
+    q = np.clip(np.round(blocks / scale[:, :, None] + zero[:, :, None]), 0, levels)
+    zp = zero.astype(np.uint8)
+    if bits == 4 and zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+    return QuantizedLinear(
+        n, k, bits, pack(q.astype(np.uint8), bits), scale.astype(np.float32), pack(zp, bits).reshape(n, -1)
+    )
+
+
+def from_gguf_q4_1(raw: UInt8Array, n: int, k: int) -> QuantizedLinear:
+    """Exact repacking of GGUF Q4_1 blocks (w = d * q + m, 4-bit q) into MatMulNBits with float zero points
+    (zero = -m / d), so the served weights are the GGUF's, not a re-quantization of them."""
+    blocks = raw.reshape(n, k // BLOCK, 20)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    m = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qs = blocks[:, :, 4:20]
+    # ggml order: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)
+    zero = np.zeros((n, (k // BLOCK + 1) // 2), dtype=np.uint8)  # packed 4-bit zeros
+    return QuantizedLinear(n, k, 4, pack(q, 4), d, zero, offsets=m)
+
+
+def from_gguf_q8_0(raw: UInt8Array, n: int, k: int) -> QuantizedLinear:
+    """Exact repacking of GGUF Q8_0 blocks (w = d * q, int8 q) into 8-bit MatMulNBits (q + 128, zero 128)."""
+    blocks = raw.reshape(n, k // BLOCK, 34)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    q = blocks[:, :, 2:34].view(np.int8).astype(np.int16) + 128
+    zp = np.full((n, k // BLOCK), 128, dtype=np.uint8)
+    return QuantizedLinear(n, k, 8, q.astype(np.uint8), d, zp)
+
+
+Linear = Float32Array | QuantizedLinear
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """Per-layer weights in the fused layout the graph uses. Linear weights are [out, in] (fp32) or quantized."""
+
+    config: LlamaConfig
+    embedding: Float32Array  # [vocab, d_model]
+    head: Linear  # [vocab, d_model]
+    final_norm: Float32Array
+    attn_norm: list[Float32Array]
+    qkv: list[Linear]  # rows: q (n_heads * hd), k, v (n_kv * hd each)
+    o: list[Linear]
+    ffn_norm: list[Float32Array]
+    gate_up: list[Linear]  # rows: gate (ffn), up (ffn)
+    down: list[Linear]
+    # True when Q/K rows pair adjacent dims for RoPE (GGUF Llama layout); False for HF's rotate-half layout.
+    rope_interleaved: bool = True
+
+
+def concat_rows(parts: list[Linear]) -> Linear:
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.ascontiguousarray(np.concatenate(parts, axis=0))  # type: ignore[arg-type]
+    qs = [p for p in parts if isinstance(p, QuantizedLinear)]
+    if len(qs) != len(parts) or len({(p.bits, p.k, p.zero_points.dtype, p.offsets is None) for p in qs}) != 1:
+        raise ValueError("cannot fuse linear weights of different formats")
+    offsets = None if qs[0].offsets is None else np.concatenate([p.offsets for p in qs if p.offsets is not None])
+    return QuantizedLinear(
+        sum(p.n for p in qs),
+        qs[0].k,
+        qs[0].bits,
+        np.concatenate([p.packed for p in qs]),
+        np.concatenate([p.scales for p in qs]),
+        np.concatenate([p.zero_points for p in qs]),
+        offsets,
+    )
+
+
+class _Builder:
+    def __init__(self, accuracy_level: int) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.accuracy_level = accuracy_level
+        self._count = 0
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def const(self, name: str, array: npt.NDArray[np.generic]) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
+        outs = [self.name(op) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op + "_node"), domain=domain, **attrs))
+        return outs
+
+    def linear(self, x: str, weight: Linear, name: str) -> str:
+        if isinstance(weight, np.ndarray):
+            w = self.const(name, np.ascontiguousarray(weight.T.astype(np.float32)))
+            return self.node("MatMul", [x, w])[0]
+        b = self.const(name + ".q", weight.packed)
+        s = self.const(name + ".scales", weight.scales.reshape(-1))
+        z = self.const(name + ".zp", weight.zero_points.reshape(-1))
+        y = self.node(
+            "MatMulNBits",
+            [x, b, s, z],
+            domain=MS_DOMAIN,
+            K=weight.k,
+            N=weight.n,
+            bits=weight.bits,
+            block_size=BLOCK,
+            accuracy_level=self.accuracy_level,
+        )[0]
+        if weight.offsets is None:
+            return y
+        # y += blocksum(x) @ offsets^T, blocksum over each 32-wide block of K.
+        shape = self.const(name + ".blocks", np.array([0, 0, weight.k // BLOCK, BLOCK], np.int64))
+        sums = self.node(
+            "ReduceSum",
+            [self.node("Reshape", [x, shape])[0], self.const(name + ".axis", np.array([-1], np.int64))],
+            keepdims=0,
+        )[0]
+        offsets = self.const(name + ".offsets", np.ascontiguousarray(weight.offsets.T.astype(np.float32)))
+        return self.node("Add", [y, self.node("MatMul", [sums, offsets])[0]])[0]
+
+
+def input_names(n_layers: int) -> list[str]:
+    names = ["input_ids", "seqlens_k", "total_sequence_length", "logits_index"]
+    for i in range(n_layers):
+        names += [f"past_key_{i}", f"past_value_{i}"]
+    return names
+
+
+def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int = 4) -> onnx.ModelProto:
+    cfg = weights.config
+    b = _Builder(accuracy_level)
+    hd, n_kv = cfg.head_dim, cfg.n_kv_heads
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["rows"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(
+                helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, ["batch", n_kv, "buf", hd])
+            )
+            outputs.append(
+                helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, ["batch", n_kv, "buf", hd])
+            )
+
+    inv_freq = cfg.rope_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = b.const("rope.cos", np.cos(angles).astype(np.float32))
+    sin = b.const("rope.sin", np.sin(angles).astype(np.float32))
+    if isinstance(weights.head, np.ndarray) and weights.head is weights.embedding:
+        # Tied fp32 embeddings: one [d_model, vocab] matrix serves the lookup (Gather on axis 1) and the head,
+        # instead of a second, transposed 113 MB copy.
+        head_t = b.const("output", np.ascontiguousarray(weights.head.T.astype(np.float32)))
+        x = b.node("Transpose", [b.node("Gather", [head_t, "input_ids"], axis=1)[0]], perm=[1, 2, 0])[0]
+    else:
+        head_t = ""
+        embedding = b.const("token_embd", weights.embedding.astype(np.float32))
+        x = b.node("Gather", [embedding, "input_ids"], axis=0)[0]
+    h = b.node(
+        "SimplifiedLayerNormalization",
+        [x, b.const("blk.0.attn_norm", weights.attn_norm[0])],
+        axis=-1,
+        epsilon=cfg.rms_eps,
+        stash_type=1,
+    )[0]
+    residual = x
+    for i in range(cfg.n_layers):
+        qkv = b.linear(h, weights.qkv[i], f"blk.{i}.attn_qkv")
+        attn, _, _ = b.node(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin],
+            n_out=3,
+            domain=MS_DOMAIN,
+            num_heads=cfg.n_heads,
+            kv_num_heads=n_kv,
+            do_rotary=1,
+            rotary_interleaved=1 if weights.rope_interleaved else 0,
+        )
+        # GroupQueryAttention's present outputs must carry the graph output names.
+        b.nodes[-1].output[1] = f"present_key_{i}"
+        b.nodes[-1].output[2] = f"present_value_{i}"
+        o = b.linear(attn, weights.o[i], f"blk.{i}.attn_output")
+        h, _, _, residual = b.node(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, b.const(f"blk.{i}.ffn_norm", weights.ffn_norm[i])],
+            n_out=4,
+            domain=MS_DOMAIN,
+            epsilon=cfg.rms_eps,
+        )
+        gate_up = b.linear(h, weights.gate_up[i], f"blk.{i}.ffn_gate_up")
+        gate, up = b.node("Split", [gate_up, b.const(f"split.{i}", np.array([cfg.ffn_dim] * 2, np.int64))], 2, axis=-1)
+        act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0], up])[0]
+        down = b.linear(act, weights.down[i], f"blk.{i}.ffn_down")
+        norm = weights.attn_norm[i + 1] if i + 1 < cfg.n_layers else weights.final_norm
+        norm_name = f"blk.{i + 1}.attn_norm" if i + 1 < cfg.n_layers else "output_norm"
+        h, _, _, residual = b.node(
+            "SkipSimplifiedLayerNormalization",
+            [down, residual, b.const(norm_name, norm)],
+            n_out=4,
+            domain=MS_DOMAIN,
+            epsilon=cfg.rms_eps,
+        )
+    # Only the positions whose logits are wanted go through the vocab-wide head.
+    flat = b.node("Reshape", [h, b.const("flat.shape", np.array([-1, cfg.d_model], np.int64))])[0]
+    wanted = b.node("Gather", [flat, "logits_index"], axis=0)[0]
+    if head_t:
+        b.nodes.append(helper.make_node("MatMul", [wanted, head_t], ["logits"], name="output_head"))
+    else:
+        b.linear(wanted, weights.head, "output")
+        b.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(b.nodes, "llmesh_decoder", inputs, outputs, b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.ir_version = 9
+    return model
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    # Weights in one external file next to the graph: the proto stays small and loads fast.
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )

@@ -1,0 +1,48 @@
+"""Quality beside speed: perplexity of a variant on the text sample in triton_models/data, and top-1 agreement
+between two variants' next-token predictions on the same text (teacher forcing, one prefill of the text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from triton_models.engine import Engine
+from triton_models.tokenizer import ChatTokenizer
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
+
+
+def sample_ids(tokenizer: ChatTokenizer, max_tokens: int = 1024) -> list[int]:
+    """BOS (if the model has one) + the sample's tokens, cut to `max_tokens`."""
+    ids = tokenizer.encode(SAMPLE.read_text())
+    token = tokenizer.metadata.bos_token
+    bos = tokenizer.hf_tokenizer.token_to_id(token) if token else None
+    return ([bos] if bos is not None else []) + ids[: max_tokens - (bos is not None)]
+
+
+def log_probs(logits: npt.NDArray[np.float32], targets: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    x = logits.astype(np.float64)
+    peak = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - peak).sum(axis=1)) + peak[:, 0]
+    return x[np.arange(targets.size), targets] - lse  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Quality:
+    tokens: int
+    perplexity: float
+    top1: npt.NDArray[np.int64]  # predicted next token at every position
+
+
+def evaluate(engine: Engine, ids: list[int]) -> Quality:
+    logits = engine.score(ids, all_positions=True)[:-1]
+    targets = np.asarray(ids[1:], dtype=np.int64)
+    ppl = float(np.exp(-log_probs(logits, targets).mean()))
+    return Quality(tokens=len(ids), perplexity=ppl, top1=logits.argmax(axis=1))
+
+
+def top1_agreement(a: Quality, b: Quality) -> float:
+    return float(np.mean(a.top1 == b.top1))

@@ -1,0 +1,167 @@
+"""Checkpoint -> DecoderWeights (graph.py's fused layout) for each weight format a variant can be built with.
+
+Formats:
+  fp32   every weight dequantized to fp32 (MatMul): the numerical reference of the served model.
+  gguf   the GGUF's own blocks, unchanged: Q4_1 -> 4-bit MatMulNBits (+ per-block offsets), Q8_0 -> 8-bit
+         MatMulNBits; F32/F16 linears stay fp32; other block types (Q4_K, Q6_K, ...) are dequantized and
+         re-quantized to 8-bit blocks of 32. So the quantized variant computes with exactly the weights that
+         llama.cpp uses for the same file.
+  q8     every linear re-quantized to 8-bit blocks of 32 (for fp32 checkpoints such as Hugging Face ones).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from triton_models.gguf_loader import Float32Array, LlamaConfig, read_config
+from triton_models.graph import DecoderWeights, Linear, concat_rows, from_gguf_q4_1, from_gguf_q8_0, quantize_blockwise
+
+WeightFormat = Literal["fp32", "gguf", "q8"]
+FORMATS: tuple[WeightFormat, ...] = ("fp32", "gguf", "q8")
+
+
+def _assemble(
+    cfg: LlamaConfig, get: Any, linear: Any, head: Linear, embedding: Float32Array, interleaved: bool
+) -> DecoderWeights:
+    n = cfg.n_layers
+    return DecoderWeights(
+        config=cfg,
+        embedding=embedding,
+        head=head,
+        final_norm=get("output_norm.weight"),
+        attn_norm=[get(f"blk.{i}.attn_norm.weight") for i in range(n)],
+        qkv=[concat_rows([linear(f"blk.{i}.attn_{x}.weight") for x in ("q", "k", "v")]) for i in range(n)],
+        o=[linear(f"blk.{i}.attn_output.weight") for i in range(n)],
+        ffn_norm=[get(f"blk.{i}.ffn_norm.weight") for i in range(n)],
+        gate_up=[concat_rows([linear(f"blk.{i}.ffn_{x}.weight") for x in ("gate", "up")]) for i in range(n)],
+        down=[linear(f"blk.{i}.ffn_down.weight") for i in range(n)],
+        rope_interleaved=interleaved,
+    )
+
+
+def from_gguf(path: Path, fmt: WeightFormat) -> DecoderWeights:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    cfg = read_config(reader)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> Float32Array:
+        t = tensors[name]
+        return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    def linear(name: str) -> Linear:
+        t = tensors[name]
+        n, k = int(t.shape[1]), int(t.shape[0])
+        kind = t.tensor_type.name
+        if fmt == "fp32" or kind in ("F32", "F16", "BF16"):
+            return get(name)
+        if fmt == "gguf" and kind == "Q4_1":
+            return from_gguf_q4_1(t.data, n, k)
+        if fmt == "gguf" and kind == "Q8_0":
+            return from_gguf_q8_0(t.data, n, k)
+        return quantize_blockwise(get(name), 8)
+
+    embedding = get("token_embd.weight")
+    head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    head: Linear = embedding if fmt == "fp32" and cfg.tied_embeddings else linear(head_name)
+    return _assemble(cfg, get, linear, head, embedding, interleaved=True)
+
+
+# ---- Hugging Face Llama-family checkpoints (config.json + *.safetensors) -------------------------------------
+
+_HF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _read_safetensors(path: Path) -> dict[str, Float32Array]:
+    """Minimal safetensors reader (8-byte header size, JSON header, raw little-endian data) -> fp32 arrays."""
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    (size,) = struct.unpack("<Q", bytes(raw[:8]))
+    header = json.loads(bytes(raw[8 : 8 + size]))
+    out: dict[str, Float32Array] = {}
+    base = 8 + size
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        data = raw[base + start : base + end]
+        dtype = info["dtype"]
+        if dtype == "BF16":
+            array = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif dtype in ("F16", "F32"):
+            array = data.view(np.float16 if dtype == "F16" else np.float32).astype(np.float32)
+        else:
+            raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+        out[name] = np.ascontiguousarray(array.reshape(info["shape"]))
+    return out
+
+
+def hf_config(directory: Path) -> LlamaConfig:
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("model_type") not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"{directory}: model_type {raw.get('model_type')!r} is not a Llama-family decoder")
+    d_model = int(raw["hidden_size"])
+    n_heads = int(raw["num_attention_heads"])
+    return LlamaConfig(
+        n_layers=int(raw["num_hidden_layers"]),
+        d_model=d_model,
+        ffn_dim=int(raw["intermediate_size"]),
+        n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads", n_heads)),
+        head_dim=int(raw.get("head_dim", d_model // n_heads)),
+        rope_base=float(raw.get("rope_theta", 10000.0)),
+        rms_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        vocab_size=int(raw["vocab_size"]),
+        context_length=int(raw.get("max_position_embeddings", 2048)),
+        tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
+
+
+def from_hf(directory: Path, fmt: WeightFormat) -> DecoderWeights:
+    """A local Hugging Face Llama checkpoint (rotate-half RoPE layout, no attention biases)."""
+    cfg = hf_config(directory)
+    tensors: dict[str, Float32Array] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(_read_safetensors(file))
+    if not tensors:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files")
+
+    def hf_name(name: str) -> str:
+        if name == "token_embd.weight":
+            return "model.embed_tokens.weight"
+        if name == "output_norm.weight":
+            return "model.norm.weight"
+        if name == "output.weight":
+            return "lm_head.weight"
+        _, layer, kind, _ = name.split(".")
+        return f"model.layers.{layer}.{_HF_NAMES[kind]}.weight"
+
+    def get(name: str) -> Float32Array:
+        return tensors[hf_name(name)]
+
+    def linear(name: str) -> Linear:
+        weight = get(name)
+        return weight if fmt == "fp32" else quantize_blockwise(weight, 8)
+
+    embedding = get("token_embd.weight")
+    if cfg.tied_embeddings:
+        head: Linear = embedding if fmt == "fp32" else quantize_blockwise(embedding, 8)
+    else:
+        head = linear("output.weight")
+    return _assemble(cfg, get, linear, head, embedding, interleaved=False)
