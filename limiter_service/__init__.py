@@ -1,1 +1,4 @@
-"""Request and token quotas in Redis. Contract: protos/llmesh/v1/limiter.proto. Not built yet."""
+"""Request and token quotas in Redis, exact under concurrency (see core.py, lua/, policy.toml).
+
+Contract: protos/llmesh/v1/limiter.proto, plus Envoy's envoy.service.ratelimit.v3.RateLimitService for the edge.
+"""

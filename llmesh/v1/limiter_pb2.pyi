@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "key_id", "tier", "prompt_tokens", "max_tokens")
+    __slots__ = ("request_id", "key_id", "tier", "prompt_tokens", "max_tokens", "nonce")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     tier: str
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    nonce: str
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., nonce: _Optional[str] = ...) -> None: ...
 
 class QuotaState(_message.Message):
     __slots__ = ("name", "limit", "remaining", "reset_unix_ms")
@@ -34,18 +36,22 @@ class QuotaState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("allowed", "reservation_id", "refused_by", "retry_after_ms", "quotas")
+    __slots__ = ("allowed", "reservation_id", "refused_by", "retry_after_ms", "quotas", "message", "degraded")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     REFUSED_BY_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reservation_id: str
     refused_by: str
     retry_after_ms: int
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaState]
-    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., refused_by: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., quotas: _Optional[_Iterable[_Union[QuotaState, _Mapping]]] = ...) -> None: ...
+    message: str
+    degraded: bool
+    def __init__(self, allowed: _Optional[bool] = ..., reservation_id: _Optional[str] = ..., refused_by: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., quotas: _Optional[_Iterable[_Union[QuotaState, _Mapping]]] = ..., message: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("reservation_id", "used_tokens")
@@ -56,7 +62,33 @@ class SettleRequest(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., used_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
-    __slots__ = ("quotas",)
+    __slots__ = ("settled",)
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    settled: bool
+    def __init__(self, settled: _Optional[bool] = ...) -> None: ...
+
+class GetQuotaRequest(_message.Message):
+    __slots__ = ("key_id", "tier")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    tier: str
+    def __init__(self, key_id: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class QuotaStatus(_message.Message):
+    __slots__ = ("key_id", "tier", "subject", "quotas", "active_reservations", "degraded", "on_store_failure")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    ON_STORE_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    tier: str
+    subject: str
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaState]
-    def __init__(self, quotas: _Optional[_Iterable[_Union[QuotaState, _Mapping]]] = ...) -> None: ...
+    active_reservations: int
+    degraded: bool
+    on_store_failure: str
+    def __init__(self, key_id: _Optional[str] = ..., tier: _Optional[str] = ..., subject: _Optional[str] = ..., quotas: _Optional[_Iterable[_Union[QuotaState, _Mapping]]] = ..., active_reservations: _Optional[int] = ..., degraded: _Optional[bool] = ..., on_store_failure: _Optional[str] = ...) -> None: ...

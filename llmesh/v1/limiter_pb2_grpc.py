@@ -45,6 +45,16 @@ class LimiterServiceStub:
                 request_serializer=llmesh_dot_v1_dot_limiter__pb2.SettleRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_limiter__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/llmesh.v1.LimiterService/GetQuota',
+                request_serializer=llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_limiter__pb2.QuotaStatus.FromString,
+                _registered_method=True)
+        self.ResetQuota = channel.unary_unary(
+                '/llmesh.v1.LimiterService/ResetQuota',
+                request_serializer=llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_limiter__pb2.QuotaStatus.FromString,
+                _registered_method=True)
 
 
 class LimiterServiceServicer:
@@ -52,13 +62,30 @@ class LimiterServiceServicer:
 
     def Reserve(self, request, context):
         """Admit one request and reserve prompt_tokens + max_tokens against the token budget, atomically.
+        A refusal is an answer (allowed = false), not an error. Errors: UNAVAILABLE when the quota store is down and
+        the tier fails closed; INVALID_ARGUMENT when the request could never fit the key's budget.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Settle(self, request, context):
-        """Charge the actual usage of an admitted request and refund the rest of its reservation.
+        """Charge the actual usage of an admitted request and refund the rest of its reservation. Idempotent: a second
+        call, or one after the reservation's lease expired, changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuota(self, request, context):
+        """Current state of one key's quotas, without using any (for `llmesh quota show`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetQuota(self, request, context):
+        """Forget one key's usage: windows, token spend and open reservations (for `llmesh quota reset`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +103,16 @@ def add_LimiterServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=llmesh_dot_v1_dot_limiter__pb2.SettleRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_limiter__pb2.SettleResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_limiter__pb2.QuotaStatus.SerializeToString,
+            ),
+            'ResetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetQuota,
+                    request_deserializer=llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_limiter__pb2.QuotaStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +169,60 @@ class LimiterService:
             '/llmesh.v1.LimiterService/Settle',
             llmesh_dot_v1_dot_limiter__pb2.SettleRequest.SerializeToString,
             llmesh_dot_v1_dot_limiter__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.LimiterService/GetQuota',
+            llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.SerializeToString,
+            llmesh_dot_v1_dot_limiter__pb2.QuotaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.LimiterService/ResetQuota',
+            llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.SerializeToString,
+            llmesh_dot_v1_dot_limiter__pb2.QuotaStatus.FromString,
             options,
             channel_credentials,
             insecure,

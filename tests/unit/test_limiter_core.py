@@ -1,0 +1,378 @@
+"""The limiter's decisions with an injected clock and in-process stores: answers, messages, failure policies,
+the circuit breaker, pending settlements, the edge, and the policy file (parsing, overrides, hot reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.auth import hash_key, key_id_for
+from limiter_service.breaker import CircuitBreaker
+from limiter_service.core import Limiter
+from limiter_service.metrics import LimiterMetrics
+from limiter_service.policy import DEFAULT_POLICY_FILE, FailureMode, PolicyError, PolicySource, parse_policy
+from limiter_service.store import Check, MemoryQuotaStore, StoreUnavailable, WindowState
+from llmesh.errors import InvalidRequest, PermissionDenied, Unavailable
+from llmesh.types import Tier
+
+POLICY = """
+[tiers.free]
+requests_per_hour = 3
+tokens_per_hour = 1000
+max_concurrent_streams = 3
+on_store_failure = "closed"
+[tiers.paid]
+requests_per_hour = 5
+burst_per_minute = 4
+tokens_per_hour = 10000
+on_store_failure = "open"
+[tiers.enterprise]
+requests_per_hour = "unlimited"
+[edge]
+per_ip_per_minute = 3
+per_key_per_minute = 2
+[orgs.acme]
+requests_per_hour = 4
+[keys.aaaaaaaaaaaaaaaa]
+org = "acme"
+[keys.bbbbbbbbbbbbbbbb]
+org = "acme"
+[keys.cccccccccccccccc]
+requests_per_hour = 0
+edge_per_minute = 1
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FlakyStore(MemoryQuotaStore):
+    """A shared store that can go down (refuse at once) or hang (never answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "up"
+        self.calls = 0
+
+    async def _gate(self) -> None:
+        self.calls += 1
+        if self.mode == "down":
+            raise StoreUnavailable("connection refused")
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+
+    async def check(self, subject: str, member: str, now_ms: int, check: Check, dry_run: bool = False) -> WindowState:
+        await self._gate()
+        return await super().check(subject, member, now_ms, check, dry_run)
+
+    async def settle(self, subject: str, member: str, used_tokens: int, now_ms: int) -> bool:
+        await self._gate()
+        return await super().settle(subject, member, used_tokens, now_ms)
+
+    async def ping(self) -> None:
+        await self._gate()
+
+
+def make(tmp_path: Path, text: str = POLICY) -> tuple[Limiter, FlakyStore, Clock, CollectorRegistry]:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    store, clock, registry = FlakyStore(), Clock(), CollectorRegistry()
+    limiter = Limiter(
+        PolicySource(path),
+        store,
+        breaker=CircuitBreaker(3),
+        metrics=LimiterMetrics(registry),
+        store_timeout_s=0.02,
+        lease_s=60,
+        clock=clock,
+    )
+    return limiter, store, clock, registry
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def test_admits_then_refuses_with_which_limit_and_when(tmp_path: Path) -> None:
+    limiter, _, clock, registry = make(tmp_path)
+
+    async def main() -> None:
+        for _ in range(3):
+            d = await limiter.reserve("k1", "free", 10, 20)
+            assert d.allowed and d.reservation_id.startswith("r/free/key:k1/")
+            clock.t += 10
+        assert {q.name: q.remaining for q in d.quotas} == {
+            "requests_per_hour": 0,
+            "tokens_per_hour": 1000 - 90,
+            "concurrent_streams": 0,
+        }
+        refused = await limiter.reserve("k1", "free", 10, 20)
+        assert not refused.allowed and refused.refused_by == "requests_per_hour"
+        assert refused.retry_after_ms == 3600_000 - 30_000
+        assert "the free tier allows 3 requests per hour" in refused.message and "retry in 3570 s" in refused.message
+
+    asyncio.run(main())
+    assert (
+        metric(registry, "llmesh_limiter_decisions_total", tier="free", limit="none", result="allowed", store="redis")
+        == 3
+    )
+    assert (
+        metric(
+            registry,
+            "llmesh_limiter_decisions_total",
+            tier="free",
+            limit="requests_per_hour",
+            result="refused",
+            store="redis",
+        )
+        == 1
+    )
+
+
+def test_token_budget_message_and_impossible_requests(tmp_path: Path) -> None:
+    limiter, _, _, _ = make(tmp_path)
+
+    async def main() -> None:
+        first = await limiter.reserve("k2", "free", 100, 700)
+        assert first.allowed
+        refused = await limiter.reserve("k2", "free", 100, 200)
+        assert refused.refused_by == "tokens_per_hour"
+        assert "1000 tokens per hour, 200 left, and this request reserves 300" in refused.message
+        # Settling with what was really used refunds the rest.
+        assert await limiter.settle(first.reservation_id, 150)
+        assert (await limiter.reserve("k2", "free", 100, 200)).allowed
+        with pytest.raises(InvalidRequest, match="needs up to 1001 tokens"):
+            await limiter.reserve("k2", "free", 1, 1000)
+        with pytest.raises(PermissionDenied, match="limit of 0"):
+            await limiter.reserve("cccccccccccccccc", "free", 1, 1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("key_id", "tier", "nonce", "reservation"),
+    [("", "free", "", "x"), ("k", "gold", "", "x"), ("k{1}", "free", "", "x"), ("k", "free", "a/b", "x")],
+)
+def test_bad_input_is_invalid_request(tmp_path: Path, key_id: str, tier: str, nonce: str, reservation: str) -> None:
+    limiter, _, _, _ = make(tmp_path)
+    with pytest.raises(InvalidRequest):
+        asyncio.run(limiter.reserve(key_id, tier, 1, 1, nonce))
+    with pytest.raises(InvalidRequest, match="malformed reservation id"):
+        asyncio.run(limiter.settle(reservation, 1))
+
+
+def test_org_keys_share_one_budget(tmp_path: Path) -> None:
+    limiter, _, _, _ = make(tmp_path)
+
+    async def main() -> None:
+        results = [await limiter.reserve(k, "paid", 1, 1) for k in ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"] * 3]
+        assert [r.allowed for r in results] == [True] * 4 + [False] * 2
+        assert "org acme allows 4 requests per hour" in results[-1].message
+        status = await limiter.status("bbbbbbbbbbbbbbbb", "paid")
+        assert status.subject == "org:acme"
+
+    asyncio.run(main())
+
+
+def test_nonce_makes_reserve_idempotent(tmp_path: Path) -> None:
+    limiter, _, _, _ = make(tmp_path)
+
+    async def main() -> None:
+        first = await limiter.reserve("k3", "free", 1, 1, nonce="n1")
+        again = await limiter.reserve("k3", "free", 1, 1, nonce="n1")
+        assert first.reservation_id == again.reservation_id
+        status = await limiter.status("k3", "free")
+        assert {q.name: q.remaining for q in status.quotas}["requests_per_hour"] == 2
+
+    asyncio.run(main())
+
+
+def test_store_down_each_tier_follows_its_policy_then_recovers(tmp_path: Path) -> None:
+    limiter, store, clock, registry = make(tmp_path)
+
+    async def main() -> None:
+        # In Redis, paid is at its limit.
+        for _ in range(5):
+            clock.t += 20
+            assert (await limiter.reserve("p1", "paid", 1, 1)).allowed
+        assert not (await limiter.reserve("p1", "paid", 1, 1)).allowed
+
+        store.mode = "down"
+        with pytest.raises(Unavailable, match="fails closed"):
+            await limiter.reserve("f1", "free", 1, 1)
+        # Paid fails open: its local limits start empty and allow the tier's numbers per process.
+        local = [await limiter.reserve("p1", "paid", 1, 1) for _ in range(5)]
+        assert [d.allowed for d in local] == [True, True, True, True, False]
+        assert local[0].degraded and local[0].reservation_id.startswith("l/")
+        assert local[-1].refused_by == "burst_per_minute"
+        assert limiter.degraded
+        calls = store.calls
+        await limiter.reserve("p2", "paid", 1, 1)
+        assert store.calls == calls, "with the circuit open, the store is not called"
+        assert metric(registry, "llmesh_limiter_redis_degraded") == 1
+
+        # A probe that fails keeps it open; one that answers closes it, and Redis' state rules again.
+        assert not await limiter.probe_store()
+        store.mode = "up"
+        assert await limiter.probe_store()
+        assert not limiter.degraded and metric(registry, "llmesh_limiter_redis_degraded") == 0
+        again = await limiter.reserve("p1", "paid", 1, 1)
+        assert not again.allowed and not again.degraded
+        assert (await limiter.reserve("f1", "free", 1, 1)).allowed
+
+    asyncio.run(main())
+
+
+def test_hanging_store_costs_one_timeout_then_nothing(tmp_path: Path) -> None:
+    limiter, store, _, _ = make(tmp_path)
+    store.mode = "hang"
+
+    async def main() -> None:
+        for _ in range(3):  # each waits store_timeout_s (20 ms), then decides locally
+            assert (await limiter.reserve("p3", "paid", 1, 1)).degraded
+        assert limiter.degraded
+        calls = store.calls
+        for _ in range(20):
+            await limiter.reserve("p3", "paid", 1, 1)
+        assert store.calls == calls
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))
+
+
+def test_settlements_queue_while_down_and_land_after(tmp_path: Path) -> None:
+    limiter, store, _, _ = make(tmp_path)
+
+    async def main() -> None:
+        d = await limiter.reserve("p4", "paid", 100, 900)
+        store.mode = "down"
+        assert not await limiter.settle(d.reservation_id, 120)
+        assert not await limiter.settle(d.reservation_id, 120)
+        assert limiter.pending_settlements == 2
+        store.mode = "up"
+        assert await limiter.probe_store()
+        assert limiter.pending_settlements == 0
+        status = await limiter.status("p4", "paid")
+        assert {q.name: q.remaining for q in status.quotas}["tokens_per_hour"] == 10000 - 120
+
+    asyncio.run(main())
+
+
+def test_local_reservation_settles_locally(tmp_path: Path) -> None:
+    limiter, store, _, _ = make(tmp_path)
+    store.mode = "down"
+
+    async def main() -> None:
+        for _ in range(3):
+            await limiter.reserve("x", "paid", 1, 1)  # open the circuit
+        d = await limiter.reserve("p5", "paid", 1, 1)
+        assert d.reservation_id.startswith("l/")
+        assert await limiter.settle(d.reservation_id, 2)
+        assert not await limiter.settle(d.reservation_id, 2)
+
+    asyncio.run(main())
+
+
+def test_edge_limits_per_ip_and_per_key(tmp_path: Path) -> None:
+    limiter, store, _, registry = make(tmp_path)
+    key = "lm-some-key"
+    auth = f"Bearer {key}"
+
+    async def main() -> None:
+        ip = [("remote_address", "10.0.0.1")]
+        results = [await limiter.edge_check([ip]) for _ in range(4)]
+        assert [r.over for r in results] == [False, False, False, True]
+        headers = dict(results[-1].headers)
+        assert headers["x-ratelimit-limit"] == "3" and headers["x-ratelimit-remaining"] == "0"
+        assert 59 <= int(headers["retry-after"]) <= 60
+
+        by_key = [
+            await limiter.edge_check([[("remote_address", f"10.0.1.{i}")], [("api_key", auth)]]) for i in range(3)
+        ]
+        assert [r.over for r in by_key] == [False, False, True]
+        assert by_key[-1].statuses[0].over is False and by_key[-1].statuses[1].over is True
+        assert dict(by_key[-1].headers)["x-ratelimit-limit"] == "2"
+
+        # A key id with its own edge limit; a malformed header and unknown descriptors are not limited.
+        own = f"Bearer lm-{'x' * 10}"
+        assert key_id_for(hash_key(own.split()[1])) != "cccccccccccccccc"
+        odd = await limiter.edge_check([[("api_key", "Basic abc")], [("path", "/x")], [("a", "1"), ("b", "2")]])
+        assert not odd.over and all(s.limit == -1 for s in odd.statuses)
+
+        store.mode = "down"  # edge fails open by default: local per-IP limits
+        assert not (await limiter.edge_check([[("remote_address", "10.9.9.9")]])).over
+
+    asyncio.run(main())
+    assert metric(
+        registry,
+        "llmesh_limiter_decisions_total",
+        tier="edge",
+        limit="per_ip_per_minute",
+        result="refused",
+        store="redis",
+    )
+
+
+def test_edge_per_key_override(tmp_path: Path) -> None:
+    key = "lm-override-me"
+    key_id = key_id_for(hash_key(key))
+    limiter, _, _, _ = make(tmp_path, POLICY + f"\n[keys.{key_id}]\nedge_per_minute = 1\n")
+
+    async def main() -> None:
+        first = await limiter.edge_check([[("api_key", f"Bearer {key}")]])
+        second = await limiter.edge_check([[("api_key", f"Bearer {key}")]])
+        assert not first.over and second.over
+
+    asyncio.run(main())
+
+
+def test_default_policy_file_is_valid_and_free_is_20_per_hour() -> None:
+    policy = PolicySource(DEFAULT_POLICY_FILE).policy
+    free = policy.quota("0123456789abcdef", Tier.FREE)
+    assert free.subject == "key:0123456789abcdef"
+    assert free.limits.requests_per_hour == 20
+    assert free.limits.on_store_failure is FailureMode.CLOSED
+    paid, enterprise = policy.tiers[Tier.PAID], policy.tiers[Tier.ENTERPRISE]
+    assert enterprise.requests_per_hour > paid.requests_per_hour > 20
+    assert paid.on_store_failure is FailureMode.OPEN
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[tiers.free]\nrequests_per_hour = 1\n", "missing"),
+        (POLICY + "[tiers.gold]\n", "unknown tier"),
+        (POLICY.replace("requests_per_hour = 3", "requests_per_hour = -3"), "integer >= 0"),
+        (POLICY.replace("requests_per_hour = 3", "request_per_hour = 3"), "unknown setting 'request_per_hour'"),
+        (POLICY.replace('on_store_failure = "closed"', 'on_store_failure = "maybe"'), '"open" or "closed"'),
+        (POLICY + "[keys.dddddddddddddddd]\norg = 'nope'\n", "no [orgs.nope]"),
+        (POLICY + "[keys.eeeeeeeeeeeeeeee]\norg = 'acme'\nrequests_per_hour = 3\n", "org's limits"),
+        (POLICY + "[quotas]\n", "unknown section"),
+        ("[tiers.free\n", "not valid TOML"),
+    ],
+)
+def test_policy_errors_say_where(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        parse_policy(text)
+
+
+def test_policy_file_change_takes_effect_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    source = PolicySource(path)
+    assert source.reload_if_changed() is None
+    path.write_text(POLICY.replace("requests_per_hour = 3", "requests_per_hour = 7"))
+    os.utime(path, ns=(1, 1))  # a different stamp even within one mtime tick
+    assert source.reload_if_changed() is True
+    assert source.policy.tiers[Tier.FREE].requests_per_hour == 7
+    path.write_text("[tiers.free\n")
+    assert source.reload_if_changed() is False
+    assert source.policy.tiers[Tier.FREE].requests_per_hour == 7 and "not valid TOML" in source.last_error
