@@ -1,1 +1,4 @@
-"""Response cache in Redis (exact, then semantic). Contract: protos/llmesh/v1/cache.proto. Not built yet."""
+"""Response cache in Redis: exact and semantic layers, tenant scopes, single flight.
+
+Contract: protos/llmesh/v1/cache.proto.
+"""

@@ -9,49 +9,79 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CacheKey(_message.Message):
-    __slots__ = ("scope", "variant", "messages", "sampling")
-    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("key_id", "variant", "messages", "sampling", "tier")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    scope: str
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
     variant: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, scope: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    tier: str
+    def __init__(self, key_id: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class CacheLookupRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "max_wait_ms")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     key: CacheKey
-    def __init__(self, key: _Optional[_Union[CacheKey, _Mapping]] = ...) -> None: ...
+    max_wait_ms: int
+    def __init__(self, key: _Optional[_Union[CacheKey, _Mapping]] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class CacheLookupResponse(_message.Message):
-    __slots__ = ("hit", "layer", "chunks", "finish_reason", "usage")
+    __slots__ = ("hit", "layer", "chunks", "finish_reason", "usage", "similarity", "store", "flight_token")
     HIT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    FLIGHT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     layer: str
     chunks: _containers.RepeatedScalarFieldContainer[str]
     finish_reason: str
     usage: _common_pb2.Usage
-    def __init__(self, hit: _Optional[bool] = ..., layer: _Optional[str] = ..., chunks: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    similarity: float
+    store: bool
+    flight_token: str
+    def __init__(self, hit: _Optional[bool] = ..., layer: _Optional[str] = ..., chunks: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., similarity: _Optional[float] = ..., store: _Optional[bool] = ..., flight_token: _Optional[str] = ...) -> None: ...
 
 class CacheStoreRequest(_message.Message):
-    __slots__ = ("key", "chunks", "finish_reason", "usage")
+    __slots__ = ("key", "chunks", "finish_reason", "usage", "failed", "flight_token")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    FLIGHT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     key: CacheKey
     chunks: _containers.RepeatedScalarFieldContainer[str]
     finish_reason: str
     usage: _common_pb2.Usage
-    def __init__(self, key: _Optional[_Union[CacheKey, _Mapping]] = ..., chunks: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    failed: bool
+    flight_token: str
+    def __init__(self, key: _Optional[_Union[CacheKey, _Mapping]] = ..., chunks: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., failed: _Optional[bool] = ..., flight_token: _Optional[str] = ...) -> None: ...
 
 class CacheStoreResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: str
+    def __init__(self, result: _Optional[str] = ...) -> None: ...
+
+class CacheFlushRequest(_message.Message):
+    __slots__ = ("key_id", "public")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    public: bool
+    def __init__(self, key_id: _Optional[str] = ..., public: _Optional[bool] = ...) -> None: ...
+
+class CacheFlushResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...

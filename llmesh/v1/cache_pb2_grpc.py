@@ -45,19 +45,33 @@ class CacheServiceStub:
                 request_serializer=llmesh_dot_v1_dot_cache__pb2.CacheStoreRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_cache__pb2.CacheStoreResponse.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/llmesh.v1.CacheService/Flush',
+                request_serializer=llmesh_dot_v1_dot_cache__pb2.CacheFlushRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_cache__pb2.CacheFlushResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Lookup(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Exact, then semantic, then single flight. Never fails because the cache's Redis is down: it answers a miss.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Store(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The finished answer of a miss (or `failed`, to release requests waiting on this one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Flush(self, request, context):
+        """Delete one tenant's entries, the public scope's, or all.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -74,6 +88,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Store,
                     request_deserializer=llmesh_dot_v1_dot_cache__pb2.CacheStoreRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_cache__pb2.CacheStoreResponse.SerializeToString,
+            ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=llmesh_dot_v1_dot_cache__pb2.CacheFlushRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_cache__pb2.CacheFlushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +149,33 @@ class CacheService:
             '/llmesh.v1.CacheService/Store',
             llmesh_dot_v1_dot_cache__pb2.CacheStoreRequest.SerializeToString,
             llmesh_dot_v1_dot_cache__pb2.CacheStoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.CacheService/Flush',
+            llmesh_dot_v1_dot_cache__pb2.CacheFlushRequest.SerializeToString,
+            llmesh_dot_v1_dot_cache__pb2.CacheFlushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/chat.proto\x12\tllmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x16llmesh/v1/common.proto\"\xf8\x01\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04user\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa7\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\"\xad\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\"\x13\n\x11ListModelsRequest\";\n\tModelList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x1e\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x10.llmesh.v1.Model\"[\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"7\n\x11OpenAIHttpRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody2\xdf\x03\n\x0b\x43hatService\x12{\n\x14\x43reateChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x19.llmesh.v1.ChatCompletion\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/llmesh/chat/completions:\x01*\x12\x89\x01\n\x14StreamChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x1e.llmesh.v1.ChatCompletionChunk\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/llmesh/chat/completions:stream:\x01*0\x01\x12T\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x14.llmesh.v1.ModelList\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12q\n\x15OpenAIChatCompletions\x12\x1c.llmesh.v1.OpenAIHttpRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\"\x14/v1/chat/completions:\x04\x62ody0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/chat.proto\x12\tllmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x16llmesh/v1/common.proto\"\xf8\x01\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04user\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb6\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\"\xbc\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\tModelList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x1e\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x10.llmesh.v1.Model\"[\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"7\n\x11OpenAIHttpRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody2\xdf\x03\n\x0b\x43hatService\x12{\n\x14\x43reateChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x19.llmesh.v1.ChatCompletion\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/llmesh/chat/completions:\x01*\x12\x89\x01\n\x14StreamChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x1e.llmesh.v1.ChatCompletionChunk\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/llmesh/chat/completions:stream:\x01*0\x01\x12T\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x14.llmesh.v1.ModelList\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12q\n\x15OpenAIChatCompletions\x12\x1c.llmesh.v1.OpenAIHttpRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\"\x14/v1/chat/completions:\x04\x62ody0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATCOMPLETIONREQUEST']._serialized_start=117
   _globals['_CHATCOMPLETIONREQUEST']._serialized_end=365
   _globals['_CHATCOMPLETION']._serialized_start=368
-  _globals['_CHATCOMPLETION']._serialized_end=535
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=538
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=711
-  _globals['_LISTMODELSREQUEST']._serialized_start=713
-  _globals['_LISTMODELSREQUEST']._serialized_end=732
-  _globals['_MODELLIST']._serialized_start=734
-  _globals['_MODELLIST']._serialized_end=793
-  _globals['_MODEL']._serialized_start=795
-  _globals['_MODEL']._serialized_end=886
-  _globals['_OPENAIHTTPREQUEST']._serialized_start=888
-  _globals['_OPENAIHTTPREQUEST']._serialized_end=943
-  _globals['_CHATSERVICE']._serialized_start=946
-  _globals['_CHATSERVICE']._serialized_end=1425
+  _globals['_CHATCOMPLETION']._serialized_end=550
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=553
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=741
+  _globals['_LISTMODELSREQUEST']._serialized_start=743
+  _globals['_LISTMODELSREQUEST']._serialized_end=762
+  _globals['_MODELLIST']._serialized_start=764
+  _globals['_MODELLIST']._serialized_end=823
+  _globals['_MODEL']._serialized_start=825
+  _globals['_MODEL']._serialized_end=916
+  _globals['_OPENAIHTTPREQUEST']._serialized_start=918
+  _globals['_OPENAIHTTPREQUEST']._serialized_end=973
+  _globals['_CHATSERVICE']._serialized_start=976
+  _globals['_CHATSERVICE']._serialized_end=1455
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,151 @@
+"""gRPC wiring of the cache service: builds its dependencies, serves CacheService with health and reflection.
+
+Health: "" is SERVING while the service answers (it answers misses while Redis is down, which is its contract);
+"llmesh.v1.CacheService" follows Redis (NOT_SERVING while the cache is bypassed), for operators and probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry
+
+from cache_service.config import CacheSettings
+from cache_service.core import Answer, CacheRequest, LookupResult, ResponseCache
+from cache_service.embedding import BatchingEmbedder, MiniLMEncoder
+from cache_service.metrics import CacheMetrics
+from cache_service.store import RedisBackend
+from llmesh import grpc_util
+from llmesh.convert import messages_from_pb, sampling_from_pb, usage_from_pb, usage_to_pb
+from llmesh.errors import InvalidRequest
+from llmesh.metrics import serve_metrics
+from llmesh.v1 import cache_pb2, cache_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+def request_from_pb(key: cache_pb2.CacheKey) -> CacheRequest:
+    if not key.key_id:
+        raise InvalidRequest("key.key_id is required: entries are scoped per API key")
+    if not key.variant:
+        raise InvalidRequest("key.variant is required")
+    if not key.messages:
+        raise InvalidRequest("key.messages must hold at least one message")
+    if not key.HasField("sampling"):
+        raise InvalidRequest("key.sampling is required")
+    return CacheRequest(
+        key_id=key.key_id,
+        tier=key.tier,
+        variant=key.variant,
+        messages=tuple(messages_from_pb(key.messages)),
+        sampling=sampling_from_pb(key.sampling),
+    )
+
+
+def lookup_to_pb(result: LookupResult) -> cache_pb2.CacheLookupResponse:
+    reply = cache_pb2.CacheLookupResponse(store=result.store, flight_token=result.flight_token)
+    if result.answer is not None:
+        reply.hit = True
+        reply.layer = result.layer
+        reply.similarity = result.similarity
+        reply.chunks.extend(result.answer.chunks)
+        reply.finish_reason = result.answer.finish_reason
+        reply.usage.CopyFrom(usage_to_pb(result.answer.usage))
+    return reply
+
+
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
+    def __init__(self, cache: ResponseCache) -> None:
+        self._cache = cache
+
+    @grpc_util.unary_errors
+    async def Lookup(
+        self, request: cache_pb2.CacheLookupRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheLookupResponse:
+        wait = request.max_wait_ms / 1000 if request.max_wait_ms else None
+        return lookup_to_pb(await self._cache.lookup(request_from_pb(request.key), wait))
+
+    @grpc_util.unary_errors
+    async def Store(
+        self, request: cache_pb2.CacheStoreRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheStoreResponse:
+        answer = None
+        if not request.failed:
+            answer = Answer(tuple(request.chunks), request.finish_reason, usage_from_pb(request.usage))
+        result = await self._cache.store(request_from_pb(request.key), answer, request.flight_token)
+        return cache_pb2.CacheStoreResponse(result=result)
+
+    @grpc_util.unary_errors
+    async def Flush(
+        self, request: cache_pb2.CacheFlushRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheFlushResponse:
+        try:
+            deleted = await self._cache.flush(request.key_id or None, public=request.public)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        return cache_pb2.CacheFlushResponse(deleted=deleted)
+
+
+def build_embedder(settings: CacheSettings, metrics: CacheMetrics) -> BatchingEmbedder | None:
+    if settings.semantic_threshold <= 0:
+        return None
+    try:
+        encoder = MiniLMEncoder.from_wheel()
+    except FileNotFoundError as exc:
+        raise SystemExit(f"semantic cache enabled (threshold {settings.semantic_threshold}) but {exc}") from exc
+
+    def observe(size: int, seconds: float) -> None:
+        metrics.embed_batch.observe(size)
+        metrics.embed_seconds.observe(seconds)
+
+    return BatchingEmbedder(encoder.encode, settings.embed_max_batch, settings.embed_max_delay_s, on_batch=observe)
+
+
+async def serve(settings: CacheSettings) -> None:
+    registry = CollectorRegistry()
+    metrics = CacheMetrics(registry)
+    backend = RedisBackend.from_url(settings.redis_url, settings.redis_timeout_s)
+    embedder = build_embedder(settings, metrics)
+    cache = ResponseCache(backend, settings, metrics, embedder)
+    cache.start()
+
+    server = grpc.aio.server(options=grpc_util.server_options())
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(cache), server)
+    health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+    address = f"{settings.host}:{settings.port}"
+    server.add_insecure_port(address)
+    await server.start()
+    serve_metrics(registry, settings.host, settings.metrics_port)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_task = asyncio.create_task(_track_backend(cache, health_servicer))
+    log.info(
+        "cache listening on %s, redis %s, ttl %.0fs, max %d bytes, semantic %s, metrics port %d",
+        address,
+        settings.redis_url,
+        settings.ttl_s,
+        settings.max_bytes,
+        f"threshold {settings.semantic_threshold}" if embedder else "off",
+        settings.metrics_port,
+    )
+    await grpc_util.wait_for_shutdown_signal()
+    health_task.cancel()
+    grpc_util.set_serving(health_servicer, [SERVICE_NAME], False)
+    await server.stop(grace=10)
+    await cache.close()
+    if embedder is not None:
+        await embedder.close()
+    await backend.close()
+
+
+async def _track_backend(cache: ResponseCache, health_servicer: health.HealthServicer) -> None:
+    while True:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if cache.backend_up else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        health_servicer.set(SERVICE_NAME, status)
+        await asyncio.sleep(1.0)
