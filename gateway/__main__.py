@@ -13,7 +13,7 @@ from llmesh.settings import load_settings
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(GatewaySettings, argv, "LLMESH_GATEWAY_", "llmesh gateway")
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, "gateway")
     asyncio.run(serve(settings))
 
 

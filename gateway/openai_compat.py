@@ -115,7 +115,7 @@ def _route(route: RouteInfo) -> dict[str, str]:
 
 
 def completion_json(
-    request_id: str, created: int, route: RouteInfo, text: str, finish_reason: str, usage: Usage
+    request_id: str, created: int, route: RouteInfo, text: str, finish_reason: str, usage: Usage, cache: str = ""
 ) -> bytes:
     return json.dumps(
         {
@@ -133,6 +133,8 @@ def completion_json(
             ],
             "usage": _usage(usage),
             "llmesh_route": _route(route),
+            # "" when generated for this request, "exact" or "semantic" when served from the response cache.
+            "llmesh_cache": cache,
         },
         ensure_ascii=False,
     ).encode()
@@ -146,6 +148,7 @@ def sse_chunk(
     finish_reason: str | None = None,
     usage: Usage | None = None,
     route: RouteInfo | None = None,
+    cache: str = "",
 ) -> bytes:
     chunk: dict[str, Any] = {
         "id": request_id,
@@ -158,6 +161,8 @@ def sse_chunk(
         chunk["usage"] = _usage(usage)
     if route is not None:
         chunk["llmesh_route"] = _route(route)
+    if cache:
+        chunk["llmesh_cache"] = cache
     return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
 
 

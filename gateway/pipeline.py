@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.auth import ApiKeyStore, authenticate
+from gateway.metrics import GatewayObserver, NullGatewayObserver, code_of
 from gateway.validation import ChatRequestFields, RequestLimits, validate
-from llmesh.errors import Internal
+from llmesh.errors import Internal, MeshError
+from llmesh.logs import REQUEST_ID
 from llmesh.types import ChatRequest, GenerateEvent, Principal, RouteInfo, Tier, Usage, VariantInfo
 
 
@@ -73,6 +75,8 @@ class Completion:
     finish_reason: str
     usage: Usage
     route: RouteInfo
+    # "exact" or "semantic" when served from the response cache.
+    cache: str = ""
 
 
 class ChatPipeline:
@@ -83,20 +87,52 @@ class ChatPipeline:
         limits: RequestLimits,
         quotas: QuotaGate | None = None,
         cache: ResponseCache | None = None,
+        observer: GatewayObserver | None = None,
     ) -> None:
         self._keys = keys
         self._router = router
         self._limits = limits
         self._quotas = quotas
         self._cache = cache
+        self._observer = observer or NullGatewayObserver()
 
     async def authenticate(self, authorization: str | None) -> Principal:
-        return await authenticate(self._keys, authorization)
+        try:
+            return await authenticate(self._keys, authorization)
+        except MeshError as exc:
+            self._observer.rejected("", code_of(exc))
+            raise
 
-    def validate(self, fields: ChatRequestFields) -> ChatRequest:
-        return validate(fields, self._limits)
+    def validate(self, fields: ChatRequestFields, principal: Principal | None = None) -> ChatRequest:
+        try:
+            return validate(fields, self._limits)
+        except MeshError as exc:
+            self._observer.rejected(principal.tier.value if principal else "", code_of(exc))
+            raise
 
-    async def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> AsyncIterator[GenerateEvent]:
+    def stream(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        request_id: str,
+        response_headers: list[tuple[str, str]] | None = None,
+    ) -> AsyncIterator[GenerateEvent]:
+        """Events from the router: route first, then deltas, then finish_reason + usage; measured by the observer.
+
+        `response_headers` receives the quota headers (x-ratelimit-*) once the request is admitted, for the caller
+        to send with its first message.
+        """
+        REQUEST_ID.set(request_id)
+        events = self._stream(principal, request, request_id, response_headers)
+        return self._observer.observe(events, principal.tier.value)
+
+    async def _stream(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        request_id: str,
+        response_headers: list[tuple[str, str]] | None = None,
+    ) -> AsyncIterator[GenerateEvent]:
         """Events from the router: route first, then deltas, then finish_reason + usage.
 
         Routing happens first (Prepare) so that the cache and the limiter, which slot in here, know the variant and
@@ -106,14 +142,25 @@ class ChatPipeline:
         if self._cache is not None:
             hit = await self._cache.lookup(principal, route, request)
             if hit is not None:
-                yield GenerateEvent(route=RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit"))
+                route_hit = RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit")
+                yield GenerateEvent(route=route_hit, cache=hit.layer)
                 for chunk in hit.chunks:
-                    yield GenerateEvent(delta=chunk)
-                yield GenerateEvent(finish_reason=hit.finish_reason, usage=hit.usage)
+                    yield GenerateEvent(delta=chunk, cache=hit.layer)
+                yield GenerateEvent(finish_reason=hit.finish_reason, usage=hit.usage, cache=hit.layer)
                 return
         reservation = None
         if self._quotas is not None:
-            reservation = await self._quotas.reserve(principal, request_id, prompt_tokens, request.sampling.max_tokens)
+            try:
+                reservation = await self._quotas.reserve(
+                    principal, request_id, prompt_tokens, request.sampling.max_tokens
+                )
+            except BaseException:
+                # Refused (or the caller left): release identical requests waiting on this one in the cache.
+                if self._cache is not None:
+                    await asyncio.shield(self._cache.store(principal, route, request, None))
+                raise
+            if response_headers is not None:
+                response_headers.extend(reservation.headers)
         chunks: list[str] = []
         answer: CachedAnswer | None = None
         used_tokens = 0
@@ -136,16 +183,22 @@ class ChatPipeline:
             if self._cache is not None:
                 await asyncio.shield(self._cache.store(principal, route, request, answer))
 
-    async def complete(self, principal: Principal, request: ChatRequest, request_id: str) -> Completion:
+    async def complete(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        request_id: str,
+        response_headers: list[tuple[str, str]] | None = None,
+    ) -> Completion:
         parts: list[str] = []
         route: RouteInfo | None = None
-        async for event in self.stream(principal, request, request_id):
+        async for event in self.stream(principal, request, request_id, response_headers):
             route = event.route or route
             parts.append(event.delta)
             if event.finish_reason:
                 if route is None or event.usage is None:
                     raise Internal("router ended the answer without route or usage")
-                return Completion("".join(parts), event.finish_reason, event.usage, route)
+                return Completion("".join(parts), event.finish_reason, event.usage, route, event.cache)
         raise Internal("router closed the stream before the answer was complete")
 
     async def list_models(self, principal: Principal) -> list[VariantInfo]:

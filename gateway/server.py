@@ -12,15 +12,20 @@ import grpc
 import redis.asyncio as aioredis
 from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError, Message
+from prometheus_client import CollectorRegistry
 
 from gateway import openai_compat
 from gateway.auth import RedisApiKeyStore
+from gateway.caching import GrpcResponseCache
 from gateway.config import GatewaySettings
+from gateway.metrics import PrometheusGatewayObserver, parse_prices
 from gateway.pipeline import ChatPipeline
+from gateway.quotas import GrpcQuotaGate
 from gateway.router_client import GrpcRouterClient
 from gateway.validation import ChatRequestFields, RequestLimits
 from llmesh import grpc_util
 from llmesh.errors import InvalidRequest, MeshError
+from llmesh.metrics import serve_metrics
 from llmesh.types import GenerateEvent, Principal
 from llmesh.v1 import chat_pb2, common_pb2
 
@@ -59,6 +64,13 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
         if item.key == key:
             return item.value if isinstance(item.value, str) else item.value.decode()
     return None
+
+
+async def _send_headers(context: grpc.aio.ServicerContext, headers: list[tuple[str, str]]) -> None:
+    """Quota headers go out as initial metadata right before the first message, never earlier: an error before
+    that point must still end the call as a trailers-only status (an HTTP 4xx/5xx through Envoy, not a 200)."""
+    if headers:
+        await context.send_initial_metadata(tuple(headers))
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -101,9 +113,11 @@ class ChatServicer:
     ) -> chat_pb2.ChatCompletion:
         principal = await self._principal(context)
         _require_decoded(request)
-        chat = self._pipeline.validate(_fields(request))
+        chat = self._pipeline.validate(_fields(request), principal)
         request_id = _request_id(context)
-        done = await self._pipeline.complete(principal, chat, request_id)
+        headers: list[tuple[str, str]] = []
+        done = await self._pipeline.complete(principal, chat, request_id, headers)
+        await _send_headers(context, headers)
         u = done.usage
         return chat_pb2.ChatCompletion(
             id=request_id,
@@ -115,6 +129,7 @@ class ChatServicer:
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
             ),
             route=common_pb2.RouteInfo(variant=done.route.variant, reason=done.route.reason),
+            cache=done.cache,
         )
 
     @grpc_util.stream_errors
@@ -123,13 +138,14 @@ class ChatServicer:
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         principal = await self._principal(context)
         _require_decoded(request)
-        chat = self._pipeline.validate(_fields(request))
+        chat = self._pipeline.validate(_fields(request), principal)
         request_id = _request_id(context)
         created = int(time.time())
         model = ""
-        async for event in self._pipeline.stream(principal, chat, request_id):
+        headers: list[tuple[str, str]] = []
+        async for event in self._pipeline.stream(principal, chat, request_id, headers):
             chunk = chat_pb2.ChatCompletionChunk(
-                id=request_id, created=created, delta=event.delta, finish_reason=event.finish_reason
+                id=request_id, created=created, delta=event.delta, finish_reason=event.finish_reason, cache=event.cache
             )
             if event.route is not None:
                 model = event.route.variant
@@ -138,6 +154,9 @@ class ChatServicer:
             usage = _usage_pb(event)
             if usage is not None:
                 chunk.usage.CopyFrom(usage)
+            if headers:
+                await _send_headers(context, headers)
+                headers = []
             yield chunk
 
     @grpc_util.unary_errors
@@ -172,42 +191,53 @@ class ChatServicer:
         principal = await self._principal(context)
         _require_decoded(request)
         parsed = openai_compat.parse_request(request.body.data)
-        chat = self._pipeline.validate(parsed.fields)
+        chat = self._pipeline.validate(parsed.fields, principal)
         request_id = _request_id(context)
         created = int(time.time())
         if not parsed.stream:
-            done = await self._pipeline.complete(principal, chat, request_id)
+            headers: list[tuple[str, str]] = []
+            done = await self._pipeline.complete(principal, chat, request_id, headers)
+            await _send_headers(context, headers)
             yield httpbody_pb2.HttpBody(
                 content_type="application/json",
                 data=openai_compat.completion_json(
-                    request_id, created, done.route, done.text, done.finish_reason, done.usage
+                    request_id, created, done.route, done.text, done.finish_reason, done.usage, done.cache
                 ),
             )
             return
         model = ""
-        events = self._pipeline.stream(principal, chat, request_id)
+        stream_headers: list[tuple[str, str]] = []
+        events = self._pipeline.stream(principal, chat, request_id, stream_headers)
         # Errors before the first event (validation in the router, auth, limits) become an HTTP status; the
         # first body is only sent once the router has accepted the request.
         first = await anext(aiter(events))
         route = first.route
         model = route.variant if route else ""
+        cache = first.cache
+        await _send_headers(context, stream_headers)
         yield httpbody_pb2.HttpBody(
             content_type="text/event-stream",
-            data=openai_compat.sse_chunk(request_id, created, model, {"role": "assistant", "content": ""}, route=route),
+            data=openai_compat.sse_chunk(
+                request_id, created, model, {"role": "assistant", "content": ""}, route=route, cache=cache
+            ),
         )
         try:
             async for event in events:
                 if event.delta:
                     yield httpbody_pb2.HttpBody(
-                        data=openai_compat.sse_chunk(request_id, created, model, {"content": event.delta})
+                        data=openai_compat.sse_chunk(request_id, created, model, {"content": event.delta}, cache=cache)
                     )
                 if event.finish_reason:
                     yield httpbody_pb2.HttpBody(
-                        data=openai_compat.sse_chunk(request_id, created, model, {}, finish_reason=event.finish_reason)
+                        data=openai_compat.sse_chunk(
+                            request_id, created, model, {}, finish_reason=event.finish_reason, cache=cache
+                        )
                     )
                     if parsed.include_usage and event.usage is not None:
                         yield httpbody_pb2.HttpBody(
-                            data=openai_compat.sse_chunk(request_id, created, model, None, usage=event.usage)
+                            data=openai_compat.sse_chunk(
+                                request_id, created, model, None, usage=event.usage, cache=cache
+                            )
                         )
         except MeshError as exc:
             yield httpbody_pb2.HttpBody(data=openai_compat.sse_error(str(exc), type(exc).__name__))
@@ -249,6 +279,10 @@ def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
 async def serve(settings: GatewaySettings) -> None:
     redis = aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     router = GrpcRouterClient(settings.router_url)
+    registry = CollectorRegistry()
+    # The response cache is optional: empty cache_url = no cache; an unreachable one is bypassed per request.
+    cache = GrpcResponseCache(settings.cache_url, settings.cache_timeout_s) if settings.cache_url else None
+    quotas = GrpcQuotaGate(settings.limiter_url, settings.limiter_timeout_s) if settings.limiter_url else None
     pipeline = ChatPipeline(
         keys=RedisApiKeyStore(redis),
         router=router,
@@ -258,7 +292,11 @@ async def serve(settings: GatewaySettings) -> None:
             max_messages=settings.max_messages,
             max_prompt_chars=settings.max_prompt_chars,
         ),
+        cache=cache,
+        quotas=quotas,
+        observer=PrometheusGatewayObserver(registry, parse_prices(settings.prices_per_1k)),
     )
+    serve_metrics(registry, settings.host, settings.metrics_port)
     server = grpc.aio.server(options=grpc_util.server_options())
     server.add_generic_rpc_handlers((_handlers(ChatServicer(pipeline)),))
     health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
@@ -271,4 +309,8 @@ async def serve(settings: GatewaySettings) -> None:
     grpc_util.set_serving(health, [SERVICE_NAME], False)
     await server.stop(grace=10)
     await router.close()
+    if cache is not None:
+        await cache.close()
+    if quotas is not None:
+        await quotas.close()
     await redis.aclose()

@@ -1,4 +1,4 @@
-"""The `llmesh` command: up, down, keys, build, protos."""
+"""The `llmesh` command: up, down, keys, build, protos, cache, quota, bench, top."""
 
 from __future__ import annotations
 
@@ -46,6 +46,33 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build", help="build (or find cached) the Triton model repository and print its path")
     sub.add_parser("protos", help="regenerate Python stubs and Envoy's descriptor set from protos/")
 
+    cache = sub.add_parser("cache", help="manage the response cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    flush = cache_sub.add_parser("flush", help="delete cached answers: one tenant's, the public scope's, or all")
+    flush_scope = flush.add_mutually_exclusive_group()
+    flush_scope.add_argument("--tenant", metavar="KEY_ID", help="key id (first 16 hex digits of the key's hash)")
+    flush_scope.add_argument("--public", action="store_true", help="the scope shared by keys configured as public")
+    flush.add_argument(
+        "--redis-url",
+        default=os.environ.get("LLMESH_CACHE_REDIS_URL") or os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL),
+        help="the cache's Redis (env LLMESH_CACHE_REDIS_URL, else LLMESH_REDIS_URL)",
+    )
+
+    quota = sub.add_parser("quota", help="show or reset one API key's quotas (asks the running limiter)")
+    quota.add_argument("action", choices=["show", "reset"])
+    quota.add_argument("key", metavar="KEY", help="an API key (lm-...) or its key id (16 hex digits)")
+    quota.add_argument("--tier", choices=[t.value for t in Tier], help="default: the key's tier in the key store")
+    quota.add_argument("--limiter-url", default=os.environ.get("LLMESH_LIMITER_URL", "127.0.0.1:50053"))
+    quota.add_argument("--redis-url", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL))
+
+    from llmesh import top
+    from llmesh.bench import command as bench
+
+    bench_parser = sub.add_parser("bench", help="load-test the mesh or any OpenAI-compatible endpoint; write reports")
+    bench.add_arguments(bench_parser)
+    top_parser = sub.add_parser("top", help="live view of QPS, latency, tokens/s, cache hits, queues per variant")
+    top.add_arguments(top_parser)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "up":
@@ -61,6 +88,26 @@ def main(argv: list[str] | None = None) -> int:
 
         print(ensure_model_repository(BuildSettings()))
         return 0
+    if args.command == "cache":
+        from cache_service.core import flush_cache
+        from cache_service.store import BackendError
+
+        try:
+            deleted = asyncio.run(flush_cache(args.redis_url, args.tenant, args.public))
+        except (BackendError, ValueError) as exc:
+            print(f"llmesh: cache flush failed: {exc}", file=sys.stderr)
+            return 1
+        scope = f"tenant {args.tenant}" if args.tenant else "public scope" if args.public else "all scopes"
+        print(f"flushed {scope}: {deleted} keys deleted")
+        return 0
+    if args.command == "quota":
+        from limiter_service.admin import quota_command
+
+        return asyncio.run(quota_command(args.action, args.key, args.tier, args.limiter_url, args.redis_url))
+    if args.command == "bench":
+        return bench.run(args)
+    if args.command == "top":
+        return top.run(args)
     if args.command == "protos":
         from llmesh import protogen
 

@@ -22,6 +22,11 @@ class EdgeConfig:
     stream_idle_timeout_s: int = 60
     health_interval_s: float = 2.0
     max_connections: int = 10000
+    # The limiter's RateLimitService (per-IP and per-key request limits before the gateway).
+    limiter: tuple[str, int] = ("127.0.0.1", 50053)
+    # What Envoy does when the limiter does not answer within rate_limit_timeout_s: False lets the request through.
+    rate_limit_failure_mode_deny: bool = False
+    rate_limit_timeout_s: float = 0.25
 
 
 def render(config: EdgeConfig, descriptor_set: Path = DESCRIPTOR_SET) -> str:
@@ -39,6 +44,10 @@ def render(config: EdgeConfig, descriptor_set: Path = DESCRIPTOR_SET) -> str:
         HEALTH_INTERVAL=f"{config.health_interval_s}s",
         DESCRIPTOR_SET=str(descriptor_set),
         GATEWAY_ENDPOINTS=endpoints,
+        LIMITER_HOST=config.limiter[0],
+        LIMITER_PORT=config.limiter[1],
+        RATE_LIMIT_FAILURE_MODE_DENY="true" if config.rate_limit_failure_mode_deny else "false",
+        RATE_LIMIT_TIMEOUT=f"{config.rate_limit_timeout_s}s",
     )
 
 

@@ -20,9 +20,13 @@ class PermissionDenied(MeshError):
 
 
 class ResourceExhausted(MeshError):
-    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after_s: int | None = None, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        # More trailing metadata for the caller, e.g. x-ratelimit-limit / -remaining / -reset.
+        self.metadata = metadata
 
 
 class Unavailable(MeshError):

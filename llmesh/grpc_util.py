@@ -49,8 +49,10 @@ def error_from_rpc(err: grpc.RpcError, upstream: str) -> errors.MeshError:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: errors.MeshError) -> None:
-    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+    if isinstance(exc, errors.ResourceExhausted):
+        retry = (("retry-after", str(exc.retry_after_s)),) if exc.retry_after_s is not None else ()
+        if retry or exc.metadata:
+            context.set_trailing_metadata(retry + exc.metadata)
     await context.abort(status_for(exc), str(exc))
 
 
@@ -125,8 +127,8 @@ def server_options() -> list[tuple[str, Any]]:
     ]
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+def setup_logging(level: str, service: str = "") -> None:
+    """JSON lines with the current request id (see llmesh.logs)."""
+    from llmesh.logs import setup_logging as setup_json_logging
+
+    setup_json_logging(level, service)

@@ -1,6 +1,7 @@
 """`llmesh up`: start the mesh in dependency order, wait on health, stop everything if one part dies.
 
-redis -> tritonserver -> router -> gateway -> envoy. One log file per service under <state dir>/logs.
+redis -> tritonserver -> cache -> limiter -> router -> gateway -> envoy.
+One log file per service under <state dir>/logs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class MeshSettings:
     # tritonserver processes serving the same repository; replica i listens on the triton ports + 10 * i.
     replicas: int = 1
     router_metrics_port: int = 9102
+    gateway_metrics_port: int = 9101
     # Reused when something answers there; otherwise `redis-server` is started on that port.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # An already running Triton (host:port of its gRPC endpoint) instead of starting one.
@@ -47,6 +49,17 @@ class MeshSettings:
     startup_timeout_s: float = 900.0
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
+    # Response cache (cache_service); its other settings come from LLMESH_CACHE_* env vars.
+    cache_enabled: bool = True
+    cache_port: int = 50054
+    cache_metrics_port: int = 9104
+    # The cache's Redis; empty = redis_url. A separate one keeps cache memory and outages away from the key store.
+    cache_redis_url: str = ""
+    # Quotas (limiter_service; also Envoy's rate limit service). Policy file empty = the shipped
+    # limiter_service/policy.toml; the limiter re-reads it when it changes.
+    limiter_port: int = 50053
+    limiter_metrics_port: int = 9103
+    limiter_policy_file: Path | None = None
     log_level: str = "info"
 
 
@@ -153,6 +166,27 @@ class Mesh:
                 self._start("tritonserver" + (f"-{i}" if i else ""), argv, http_ok_probe(ready_url), env)
 
         py = sys.executable
+        if s.cache_enabled:
+            cache_argv = [
+                py, "-m", "cache_service",
+                "--host", "127.0.0.1",
+                "--port", str(s.cache_port),
+                "--metrics-port", str(s.cache_metrics_port),
+                "--redis-url", s.cache_redis_url or s.redis_url,
+                "--log-level", s.log_level,
+            ]  # fmt: skip
+            self._start("cache", cache_argv, grpc_health_probe(f"127.0.0.1:{s.cache_port}"), service_env)
+        limiter_argv = [
+            py, "-m", "limiter_service",
+            "--host", "127.0.0.1",
+            "--port", str(s.limiter_port),
+            "--metrics-port", str(s.limiter_metrics_port),
+            "--redis-url", s.redis_url,
+            *(["--policy-file", str(s.limiter_policy_file)] if s.limiter_policy_file else []),
+            "--log-level", s.log_level,
+        ]  # fmt: skip
+        limiter_probe = grpc_health_probe(f"127.0.0.1:{s.limiter_port}", "llmesh.v1.LimiterService")
+        self._start("limiter", limiter_argv, limiter_probe, service_env)
         self._start(
             "router",
             [
@@ -189,10 +223,16 @@ class Mesh:
                 f"127.0.0.1:{s.router_port}",
                 "--redis-url",
                 s.redis_url,
+                "--cache-url",
+                f"127.0.0.1:{s.cache_port}" if s.cache_enabled else "",
+                "--limiter-url",
+                f"127.0.0.1:{s.limiter_port}",
                 "--default-max-tokens",
                 str(s.default_max_tokens),
                 "--max-tokens-limit",
                 str(s.max_tokens_limit),
+                "--metrics-port",
+                str(s.gateway_metrics_port),
                 "--log-level",
                 s.log_level,
             ],
@@ -204,6 +244,7 @@ class Mesh:
             listen_port=s.http_port,
             admin_port=s.envoy_admin_port,
             gateways=(("127.0.0.1", s.gateway_port),),
+            limiter=("127.0.0.1", s.limiter_port),
         )
         config_path = self.state_dir / "envoy.yaml"
         config_path.write_text(render(edge))

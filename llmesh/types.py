@@ -61,6 +61,8 @@ class GenerateEvent:
     finish_reason: str = ""
     usage: Usage | None = None
     route: RouteInfo | None = None
+    # "exact" or "semantic" on every event of an answer replayed from the response cache.
+    cache: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from router.server import serve
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(RouterSettings, argv, "LLMESH_ROUTER_", "llmesh router")
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, "router")
     asyncio.run(serve(settings))
 
 

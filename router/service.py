@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmesh.errors import Internal, InvalidRequest, Unavailable
+from llmesh.logs import REQUEST_ID
 from llmesh.types import ChatMessage, GenerateEvent, RouteInfo, SamplingParams, Tier, Usage, VariantInfo
 from router.complexity import ComplexityScorer, HeuristicScorer
 from router.load import LoadTracker
@@ -150,6 +151,7 @@ class Router:
         sampling: SamplingParams,
         route: RouteInfo | None = None,
     ) -> AsyncIterator[GenerateEvent]:
+        REQUEST_ID.set(request_id)
         prepared = self.prepare(tier, model, messages, sampling, route)
         route = prepared.route
         pinned = route.reason == "pinned by request"

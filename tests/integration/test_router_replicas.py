@@ -88,7 +88,8 @@ def test_sigkilled_replica_loses_no_unstarted_request_and_is_readmitted(model_re
 async def _burst(target: str, n: int) -> list[tuple[str, bool, float | None, str]]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        return list(await asyncio.gather(*(one_request(stub, generate_request(QUESTIONS[i % 4], 8)) for i in range(n))))
+        requests = [generate_request(QUESTIONS[i % 4], 8, model=VARIANT) for i in range(n)]
+        return list(await asyncio.gather(*(one_request(stub, request) for request in requests)))
 
 
 async def _load_with_kill(
@@ -102,7 +103,8 @@ async def _load_with_kill(
 
         async def worker(index: int) -> None:
             while time.monotonic() < stop:
-                outcomes.append(await one_request(stub, generate_request(QUESTIONS[index % 4], 24)))
+                # Pinned, so every request stays on VARIANT and only replica failover is exercised.
+                outcomes.append(await one_request(stub, generate_request(QUESTIONS[index % 4], 24, model=VARIANT)))
 
         async def killer() -> None:
             await asyncio.sleep(kill_after_s)
