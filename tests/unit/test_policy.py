@@ -92,6 +92,8 @@ def test_shipped_policy_file_fits_served_variants() -> None:
     assert full.variants == ("smollm2-135m-int8", "smollm2-135m", "gemma3-270m")
     assert full.allowed_for(Tier.FREE) == ("smollm2-135m-int8", "smollm2-135m")
     assert full.default_for(Tier.PAID) == "smollm2-135m"
+    # Shipped: simple paid requests stay on the tier default (moving them down is a quality trade, off by default).
+    assert full.choose(Tier.PAID, "auto", ComplexityScore(0.0, ())).variant == "smollm2-135m"
 
 
 def test_policy_file_default_override(tmp_path: Path) -> None:
