@@ -7,6 +7,7 @@ One log file per service under <state dir>/logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from urllib.parse import urlparse
 
 from llmesh import paths
 from llmesh.envoy_config import EdgeConfig, envoy_command, render
-from llmesh.process import ManagedProcess, ProcessFailed, grpc_health_probe, http_ok_probe
+from llmesh.process import ManagedProcess, ProcessFailed, free_port, grpc_health_probe, http_ok_probe
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ class MeshSettings:
     limiter_policy_file: Path | None = None
     log_level: str = "info"
 
+
+    @classmethod
+    def on_free_ports(cls, **overrides: object) -> MeshSettings:
+        """Every listening port on a free loopback port (tests, benchmarks), then `overrides`."""
+        ports: dict[str, object] = {f.name: free_port() for f in dataclasses.fields(cls) if f.name.endswith("_port")}
+        return cls(**{**ports, **overrides})  # type: ignore[arg-type]
 
 def redis_answers(url: str) -> bool:
     import redis

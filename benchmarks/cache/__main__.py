@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 import tempfile
@@ -66,25 +65,12 @@ def start_mesh(state: Path) -> tuple[Mesh, ManagedProcess]:
             "per_key_per_minute = 600", 'per_key_per_minute = "unlimited"'
         )
     )
-    extra: dict[str, object] = {}
-    if "limiter_policy_file" in {f.name for f in dataclasses.fields(MeshSettings)}:
-        extra = {"limiter_policy_file": policy, "limiter_port": free_port(), "limiter_metrics_port": free_port()}
-    settings = MeshSettings(
-        http_port=free_port(),
-        envoy_admin_port=free_port(),
-        gateway_port=free_port(),
-        router_port=free_port(),
-        router_metrics_port=free_port(),
-        triton_grpc_port=free_port(),
-        triton_http_port=free_port(),
-        triton_metrics_port=free_port(),
-        cache_port=free_port(),
-        cache_metrics_port=free_port(),
+    settings = MeshSettings.on_free_ports(
+        limiter_policy_file=policy,
         redis_url=redis_url,
         state_dir=state,
         startup_timeout_s=300,
         log_level="warning",
-        **extra,  # type: ignore[arg-type]
     )
     mesh = Mesh(settings)
     mesh.start()
