@@ -22,6 +22,7 @@ from typing import NamedTuple, TypeVar
 
 from gateway.auth import hash_key, key_id_for, parse_bearer
 from limiter_service.breaker import CircuitBreaker
+from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import FailureMode, Limits, Policy, PolicySource
 from limiter_service.store import (
@@ -154,6 +155,10 @@ def _tier(name: str) -> Tier:
     return tier
 
 
+# Retries of a store call that failed while the event loop was stalled (see loop_lag.py).
+_STALL_RETRIES = 2
+
+
 class Limiter:
     def __init__(
         self,
@@ -167,8 +172,12 @@ class Limiter:
         lease_s: float = 600.0,
         clock: Callable[[], float] = time.time,
         max_pending_settlements: int = 100_000,
+        loop_monitor: LoopLagMonitor | None = None,
     ) -> None:
         self.policy = policy
+        # When given, a store call that failed while this process's loop was stalled is retried (up to
+        # _STALL_RETRIES times) and not counted against the store: the delay was ours, not Redis'.
+        self._loop_monitor = loop_monitor
         self._store = store
         self._local = local or MemoryQuotaStore()
         self.breaker = breaker or CircuitBreaker()
@@ -270,9 +279,12 @@ class Limiter:
         # `_remote` inlined: this is the hot path, and every coroutine layer is paid again at each resume.
         now = self._now_ms()
         failure: BaseException | None = None
-        if self.breaker.open:
-            failure = StoreUnavailable(f"circuit open: {self.breaker.last_error}")
-        else:
+        monitor = self._loop_monitor
+        for attempt in range(_STALL_RETRIES + 1):
+            if self.breaker.open:
+                failure = StoreUnavailable(f"circuit open: {self.breaker.last_error}")
+                break
+            started = monitor.now() if monitor is not None else 0.0
             try:
                 if self._timeout_s is None:  # the store bounds its own calls (socket timeouts, no retries)
                     state = await self._store.check(subject, member, now, check, dry_run)
@@ -280,8 +292,14 @@ class Limiter:
                     async with asyncio.timeout(self._timeout_s):
                         state = await self._store.check(subject, member, now, check, dry_run)
             except (StoreUnavailable, TimeoutError) as exc:
-                self._store_failed(exc)
                 failure = exc
+                if monitor is not None and attempt < _STALL_RETRIES and monitor.stalled_since(started):
+                    # Same member again: if the lost call was admitted, the retry admits it once.
+                    if self._metrics is not None:
+                        self._metrics.stall_retries.inc()
+                    continue
+                self._store_failed(exc)
+                break
             else:
                 self.breaker.record_success()
                 return state, REMOTE

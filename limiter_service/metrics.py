@@ -31,6 +31,12 @@ class LimiterMetrics:
         self.redis_errors = Counter(
             "llmesh_limiter_redis_errors_total", "Failed or timed-out Redis calls.", registry=registry
         )
+        self.stall_retries = Counter(
+            "llmesh_limiter_stall_retries_total",
+            "Redis calls retried because they failed while this process's event loop was stalled (not counted as "
+            "Redis failures).",
+            registry=registry,
+        )
         self.settlements_pending = Gauge(
             "llmesh_limiter_settlements_pending",
             "Settlements waiting for Redis to come back (their reservations stay charged in full meanwhile).",

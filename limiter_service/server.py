@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from limiter_service.breaker import CircuitBreaker
 from limiter_service.config import LimiterSettings
 from limiter_service.core import Decision, Limiter, QuotaStatus, QuotaView
+from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import DEFAULT_POLICY_FILE, PolicySource
 from limiter_service.redis_store import RedisQuotaStore, connect
@@ -148,6 +149,7 @@ async def serve(settings: LimiterSettings) -> None:
     store = RedisQuotaStore(connect(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s))
     # Open until the first probe answers: a limiter started while Redis is down serves at once, per policy.
     breaker = CircuitBreaker(settings.breaker_failures, open_at_start=True)
+    loop_monitor = LoopLagMonitor()
     limiter = Limiter(
         policy,
         store,
@@ -157,6 +159,7 @@ async def serve(settings: LimiterSettings) -> None:
         # several nodes, so the limiter bounds the whole call.
         store_timeout_s=settings.redis_timeout_s if settings.redis_cluster else None,
         lease_s=settings.lease_s,
+        loop_monitor=loop_monitor,
     )
     if not await limiter.probe_store():
         log.error("Redis at %s does not answer; serving in degraded mode until it does", settings.redis_url)
@@ -170,6 +173,7 @@ async def serve(settings: LimiterSettings) -> None:
     serve_metrics(registry, settings.host, settings.metrics_port)
     await server.start()
     tasks = [
+        asyncio.create_task(loop_monitor.run()),
         asyncio.create_task(limiter.watch_store(settings.breaker_probe_s)),
         asyncio.create_task(_reload_policy(policy, metrics, settings.policy_reload_s)),
         asyncio.create_task(_track_redis_health(limiter, health_servicer, min(settings.breaker_probe_s, 0.5))),

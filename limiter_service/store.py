@@ -16,6 +16,8 @@ UNLIMITED = -1
 
 # Values of `WindowState.refused`, shared with the Lua script.
 REFUSED_NONE, REFUSED_REQUESTS, REFUSED_BURST, REFUSED_TOKENS, REFUSED_CONCURRENCY = 0, 1, 2, 3, 4
+# A use stamped at or before the newest logged one is logged this much after it (reserve.lua does the same).
+TIE_MS = 0.001
 NEVER = -1  # retry_after_ms when the use can never fit (a limit of 0, or more tokens than the whole budget)
 
 
@@ -73,7 +75,7 @@ class QuotaStore(Protocol):
 
 @dataclass
 class _Subject:
-    log: list[tuple[int, str]] = field(default_factory=list)  # (admitted ms, member), sorted
+    log: list[tuple[float, str]] = field(default_factory=list)  # (admitted ms, member), in admission order
     tokens: dict[str, int] = field(default_factory=dict)
     total_tokens: int = 0
     active: dict[str, int] = field(default_factory=dict)  # member -> lease deadline ms
@@ -120,8 +122,8 @@ class MemoryQuotaStore:
             burst=len(s.log) - short_from,
             tokens=s.total_tokens,
             active=len(s.active),
-            oldest_ms=s.log[0][0] if s.log else -1,
-            oldest_burst_ms=s.log[short_from][0] if short_from < len(s.log) else -1,
+            oldest_ms=int(s.log[0][0]) if s.log else -1,
+            oldest_burst_ms=int(s.log[short_from][0]) if short_from < len(s.log) else -1,
         )
 
     async def check(self, subject: str, member: str, now_ms: int, check: Check, dry_run: bool = False) -> WindowState:
@@ -129,14 +131,18 @@ class MemoryQuotaStore:
         s = self._subjects.get(subject) or _Subject()
         self._expire(s, now_ms, c.window_ms)
         if member in s.members:
-            return self._state(s, now_ms, c, True, REFUSED_NONE, 0)
+            # A retry: the counts as they were just after it (the log is in admission order).
+            state = self._state(s, now_ms, c, True, REFUSED_NONE, 0)
+            index = next(i for i, (_, m) in enumerate(s.log) if m == member)
+            short_from = bisect.bisect_right(s.log, (now_ms - c.short_window_ms, "\U0010ffff"))
+            return state._replace(requests=index + c.hits, burst=max(0, index + c.hits - short_from))
 
         refused, retry = REFUSED_NONE, 0
 
-        def refuse(code: int, ms: int) -> None:
+        def refuse(code: int, ms: float) -> None:
             nonlocal refused, retry
             if retry >= 0 and (refused == REFUSED_NONE or ms < 0 or ms > retry):
-                refused, retry = code, ms
+                refused, retry = code, int(ms)
 
         if c.request_limit >= 0:
             if c.hits > c.request_limit:
@@ -173,9 +179,11 @@ class MemoryQuotaStore:
             return self._state(s, now_ms, c, False, refused, retry)
         if dry_run:
             return self._state(s, now_ms, c, True, REFUSED_NONE, 0)
+        # Times only grow, so the log's order is admission order even when `now_ms` is behind the newest use.
+        at_ms: float = now_ms if not s.log or s.log[-1][0] < now_ms else s.log[-1][0] + TIE_MS
         for i in range(c.hits):
             name = member if i == 0 else f"{member}#{i + 1}"
-            bisect.insort(s.log, (now_ms, name))
+            s.log.append((at_ms, name))
             s.members.add(name)
         if c.tokens > 0:
             s.tokens[member] = c.tokens

@@ -65,8 +65,12 @@ local function state(admitted, refused, retry)
   return struct.pack('<ddddddddd', admitted, refused, retry, requests, burst, spent, active, oldest, oldest_burst)
 end
 
--- The same member again is a retry of an admitted use: admit it once.
-if redis.call('ZSCORE', log, member) then
+-- The same member again is a retry of an admitted use: admit it once, and report the counts as they were just
+-- after it (uses are logged in admission order, see below), so a retry shows the remaining quota it was given.
+local seen = redis.call('ZSCORE', log, member)
+if seen then
+  requests = redis.call('ZRANK', log, member) + hits
+  burst = redis.call('ZCOUNT', log, short_from, seen)
   return state(1, 0, 0)
 end
 
@@ -135,12 +139,19 @@ if dry then
   return state(1, 0, 0)
 end
 
+-- Scores only grow, so rank is admission order even when a caller's `now` is behind a logged use (see above):
+-- a use stamped at or before the newest one is logged a microsecond after it.
+local at = now
+local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
+if #newest == 2 and tonumber(newest[2]) >= now then
+  at = tonumber(newest[2]) + 0.001
+end
 if hits == 1 then
-  redis.call('ZADD', log, now, member)
+  redis.call('ZADD', log, at, member)
 else
-  local args = {now, member}
+  local args = {at, member}
   for i = 2, hits do
-    args[#args + 1] = now
+    args[#args + 1] = at
     args[#args + 1] = member .. '#' .. i
   end
   redis.call('ZADD', log, unpack(args))

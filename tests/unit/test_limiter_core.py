@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from gateway.auth import hash_key, key_id_for
 from limiter_service.breaker import CircuitBreaker
 from limiter_service.core import Limiter
+from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import DEFAULT_POLICY_FILE, FailureMode, PolicyError, PolicySource, parse_policy
 from limiter_service.store import Check, MemoryQuotaStore, StoreUnavailable, WindowState
@@ -246,6 +248,72 @@ def test_hanging_store_costs_one_timeout_then_nothing(tmp_path: Path) -> None:
         assert store.calls == calls
 
     asyncio.run(asyncio.wait_for(main(), timeout=10))
+
+
+class StalledStore(FlakyStore):
+    """Redis answered in time, but this process's loop was too busy to read the reply: the first `stalls` calls
+    block the whole loop (time.sleep, as a CPU-bound burst would) past the timeout, and the admission they made
+    is kept, as Redis would keep it."""
+
+    def __init__(self, stalls: int) -> None:
+        super().__init__()
+        self.stalls = stalls
+
+    async def check(self, subject: str, member: str, now_ms: int, check: Check, dry_run: bool = False) -> WindowState:
+        state = await MemoryQuotaStore.check(self, subject, member, now_ms, check, dry_run)
+        self.calls += 1
+        if self.stalls:
+            self.stalls -= 1
+            time.sleep(0.05)  # the loop is stalled: the monitor cannot tick
+            raise StoreUnavailable("Timeout reading from socket")
+        return state
+
+
+@pytest.mark.parametrize("stalls", [1, 2])
+def test_timeouts_while_the_loop_is_stalled_are_retried_not_counted(tmp_path: Path, stalls: int) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store, registry, monitor = StalledStore(stalls), CollectorRegistry(), LoopLagMonitor(period_s=0.005, late_s=0.02)
+    limiter = Limiter(
+        PolicySource(path), store, breaker=CircuitBreaker(1), metrics=LimiterMetrics(registry), loop_monitor=monitor
+    )
+
+    async def main() -> None:
+        ticker = asyncio.create_task(monitor.run())
+        await asyncio.sleep(0.02)
+        try:
+            decision = await limiter.reserve("f1", "free", 1, 1, nonce="n1")
+            assert decision.allowed and not decision.degraded
+            # Admitted once, and the retry reported what remained after that one admission.
+            assert {v.name: v.remaining for v in decision.quotas}["requests_per_hour"] == 2
+            assert store.calls == stalls + 1 and not limiter.degraded
+            assert metric(registry, "llmesh_limiter_stall_retries_total") == stalls
+            assert metric(registry, "llmesh_limiter_redis_errors_total") == 0
+        finally:
+            ticker.cancel()
+
+    asyncio.run(main())
+
+
+def test_timeouts_on_an_idle_loop_count_against_the_store(tmp_path: Path) -> None:
+    # Without a stall the same failure is Redis' own: the (one-failure) breaker opens and free fails closed.
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store, monitor = FlakyStore(), LoopLagMonitor(period_s=0.005, late_s=0.02)
+    store.mode = "down"
+    limiter = Limiter(PolicySource(path), store, breaker=CircuitBreaker(1), loop_monitor=monitor)
+
+    async def main() -> None:
+        ticker = asyncio.create_task(monitor.run())
+        await asyncio.sleep(0.02)
+        try:
+            with pytest.raises(Unavailable):
+                await limiter.reserve("f1", "free", 1, 1)
+            assert store.calls == 1 and limiter.degraded
+        finally:
+            ticker.cancel()
+
+    asyncio.run(main())
 
 
 def test_settlements_queue_while_down_and_land_after(tmp_path: Path) -> None:

@@ -133,6 +133,21 @@ async def behave_same_member_is_admitted_once(store: QuotaStore) -> None:
     assert state.requests == 1 and state.tokens == 10 and state.active == 1
 
 
+async def behave_retry_reports_what_remained_at_admission(store: QuotaStore) -> None:
+    # A gateway retries a Reserve whose reply it lost; the reply it then gets must say what was left when the use
+    # was admitted, not what is left now, or two admitted requests would both be told "0 remaining".
+    s, c = subject(), hourly(requests=5, burst=5, short_window_ms=MINUTE)
+    for i in range(4):
+        assert (await store.check(s, f"m{i}", T0 + i, c)).requests == i + 1
+    again = await store.check(s, "m1", T0 + 10, c)
+    assert again.admitted and again.requests == 2 and again.burst == 2
+    # A caller whose clock reading is behind the newest logged use still lands after it in admission order.
+    late = await store.check(s, "late", T0 + 1, c)
+    assert late.admitted and late.requests == 5
+    assert (await store.check(s, "late", T0 + 20, c)).requests == 5
+    assert (await store.check(s, "m3", T0 + 20, c)).requests == 4
+
+
 async def behave_never_fits(store: QuotaStore) -> None:
     s = subject()
     too_big = await store.check(s, "a", T0, hourly(budget=100, tokens=101))
@@ -198,6 +213,7 @@ BEHAVIOURS: list[Callable[[QuotaStore], Awaitable[None]]] = [
     behave_expired_lease_frees_slot_keeps_charge,
     behave_settle_frees_concurrency,
     behave_same_member_is_admitted_once,
+    behave_retry_reports_what_remained_at_admission,
     behave_never_fits,
     behave_dry_run_changes_nothing,
     behave_tokens_leave_the_window,
