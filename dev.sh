@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for people and CI on Debian/Ubuntu with Python 3.11+:
 #   ./dev.sh serve [llmesh up flags]   install what is missing, build the model (cached), start the mesh
-#   ./dev.sh test  [pytest args]       install what is missing, build the model (cached), lint, type-check, test
+#   ./dev.sh test  [pytest args]       install what is missing, lint, type-check, test (tests build the models they need, cached)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -73,7 +73,7 @@ case "$cmd" in
   test)
     install_system_packages
     install_python_packages
-    build_model
+    # No default build here: the test fixtures build (or find cached) the variants they serve.
     install_promtool
     log "ruff"
     "$VENV/bin/ruff" check .

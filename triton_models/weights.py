@@ -19,16 +19,37 @@ from typing import Any, Literal
 import numpy as np
 
 from triton_models.gguf_loader import Float32Array, LlamaConfig, read_config
-from triton_models.graph import DecoderWeights, Linear, concat_rows, from_gguf_q4_1, from_gguf_q8_0, quantize_blockwise
+from triton_models.graph import (
+    DecoderWeights,
+    Linear,
+    QuantizedLinear,
+    concat_rows,
+    from_gguf_q4_1,
+    from_gguf_q8_0,
+    quantize_blockwise,
+)
 
 WeightFormat = Literal["fp32", "gguf", "q8"]
 FORMATS: tuple[WeightFormat, ...] = ("fp32", "gguf", "q8")
 
 
 def _assemble(
-    cfg: LlamaConfig, get: Any, linear: Any, head: Linear, embedding: Float32Array, interleaved: bool
+    cfg: LlamaConfig,
+    get: Any,
+    linear: Any,
+    head: Linear,
+    embedding: Float32Array | QuantizedLinear,
+    interleaved: bool,
 ) -> DecoderWeights:
     n = cfg.n_layers
+    gemma: dict[str, Any] = {}
+    if cfg.gemma:
+        gemma = {
+            "q_norm": [get(f"blk.{i}.attn_q_norm.weight") for i in range(n)],
+            "k_norm": [get(f"blk.{i}.attn_k_norm.weight") for i in range(n)],
+            "post_attn_norm": [get(f"blk.{i}.post_attention_norm.weight") for i in range(n)],
+            "post_ffn_norm": [get(f"blk.{i}.post_ffw_norm.weight") for i in range(n)],
+        }
     return DecoderWeights(
         config=cfg,
         embedding=embedding,
@@ -41,6 +62,7 @@ def _assemble(
         gate_up=[concat_rows([linear(f"blk.{i}.ffn_{x}.weight") for x in ("gate", "up")]) for i in range(n)],
         down=[linear(f"blk.{i}.ffn_down.weight") for i in range(n)],
         rope_interleaved=interleaved,
+        **gemma,
     )
 
 
@@ -68,10 +90,17 @@ def from_gguf(path: Path, fmt: WeightFormat) -> DecoderWeights:
             return from_gguf_q8_0(t.data, n, k)
         return quantize_blockwise(get(name), 8)
 
-    embedding = get("token_embd.weight")
     head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-    head: Linear = embedding if fmt == "fp32" and cfg.tied_embeddings else linear(head_name)
-    return _assemble(cfg, get, linear, head, embedding, interleaved=True)
+    embedding: Float32Array | QuantizedLinear
+    if cfg.gemma and fmt != "fp32" and cfg.tied_embeddings:
+        # 262k x 640: one 8-bit table serves lookup and head (an fp32 copy for the lookup alone is 671 MB).
+        head = linear(head_name)
+        embedding = head if isinstance(head, QuantizedLinear) else get("token_embd.weight")
+    else:
+        embedding = get("token_embd.weight")
+        head = embedding if fmt == "fp32" and cfg.tied_embeddings else linear(head_name)
+    # GGUF Llama Q/K rows are permuted for adjacent-pair RoPE; Gemma's are stored as trained (rotate-half).
+    return _assemble(cfg, get, linear, head, embedding, interleaved=not cfg.gemma)
 
 
 # ---- Hugging Face Llama-family checkpoints (config.json + *.safetensors) -------------------------------------

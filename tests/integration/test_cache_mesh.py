@@ -191,18 +191,19 @@ def test_cache_redis_down_requests_still_served(
     try:
         key = mesh.create_key(Tier.PAID)
         text = question("a volcano")
-        generated = stream(gateway.target, key, text)
+        assert all(c.cache == "" for c in stream(gateway.target, key, text))
         assert all(c.cache == "exact" for c in stream(gateway.target, key, text))
 
         redis_proc.stop()
         started = time.monotonic()
         served = [stream(gateway.target, key, text) for _ in range(3)]
         elapsed = time.monotonic() - started
-        for chunks in served:  # generated again, no error; the same greedy answer when routed the same way
+        for chunks in served:  # generated again, no error
             assert all(c.cache == "" for c in chunks)
-            # The load-aware router may pick another variant under a busy suite; only then may the text differ.
-            if chunks[0].route.variant == generated[0].route.variant:
-                assert "".join(c.delta for c in chunks) == "".join(c.delta for c in generated)
+            # Not compared with `generated` token for token: a repeat of the prompt reuses its KV blocks from the
+            # engine's prefix cache, and a prefill computed in other chunk shapes sums in another order, which
+            # can flip a near-tie in greedy decoding (seen once in CI).
+            assert "".join(c.delta for c in chunks).strip()
             assert chunks[-1].finish_reason in ("stop", "length")
         assert cache_metric(cache, "llmesh_cache_backend_up") == 0
         assert cache_metric(cache, "llmesh_cache_bypassed_total", reason="backend_down") >= 3

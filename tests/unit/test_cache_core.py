@@ -277,6 +277,30 @@ def test_semantic_hit_needs_the_same_bucket_and_the_threshold() -> None:
     run(scenario())
 
 
+def test_the_same_request_stored_while_it_was_embedded_is_an_exact_hit() -> None:
+    # A concurrent leader finished while this lookup was embedding its question: the semantic index then holds
+    # this very request, which is an exact hit, not a semantic one.
+    class StoringEmbedder(WordEmbedder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cache: ResponseCache | None = None
+
+        async def embed(self, text: str):  # type: ignore[no-untyped-def]
+            vector = await super().embed(text)
+            if self.cache is not None and len(self.calls) == 1:
+                await self.cache.store(req(), ANSWER)
+            return vector
+
+    async def scenario() -> None:
+        embedder = StoringEmbedder()
+        cache, _, _, _ = make(dataclasses.replace(SETTINGS, semantic_threshold=0.8), embedder=embedder)
+        embedder.cache = cache
+        hit = await cache.lookup(req())
+        assert hit.hit and hit.layer == "exact" and hit.outcome == "hit_exact" and hit.answer == ANSWER
+
+    run(scenario())
+
+
 def test_semantic_neighbour_that_expired_is_not_served() -> None:
     async def scenario() -> None:
         cache, _, clock, _ = make(dataclasses.replace(SETTINGS, semantic_threshold=0.8), embedder=WordEmbedder())

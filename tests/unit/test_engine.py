@@ -242,6 +242,28 @@ def test_sampler() -> None:
     } <= {1, 3}
 
 
+def _nucleus_by_full_sort(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    """The nucleus the plain way: sort the whole vocabulary (what Sampler avoids for large vocabularies)."""
+    probs = np.exp(logits.astype(np.float64) / params.temperature - logits.max() / params.temperature)
+    probs /= probs.sum()
+    order = np.lexsort((np.arange(probs.size), -probs))
+    probs = probs[order]
+    keep = min(int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1, probs.size)
+    probs = probs[:keep] / probs[:keep].sum()
+    return int(order[min(int(np.searchsorted(np.cumsum(probs), u)), probs.size - 1)])
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_on_a_large_vocabulary_matches_a_full_sort(top_p: float) -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        # Peaked and flat distributions over a Gemma-sized vocabulary: the nucleus spans 1 to ~100k tokens.
+        logits = (rng.standard_normal(262_144) * (8.0 if trial % 2 else 0.5)).astype(np.float32)
+        params = SamplingParams(max_tokens=1, temperature=0.7, top_p=top_p)
+        expected = _nucleus_by_full_sort(logits, params, np.random.default_rng(trial).random())
+        assert Sampler.sample(logits, params, np.random.default_rng(trial)) == expected
+
+
 def test_speculative_decoding_equals_plain_greedy(
     engine: Engine, chat_tokenizer: ChatTokenizer, model_version_dir: Path
 ) -> None:

@@ -94,6 +94,22 @@ def test_shipped_policy_file_fits_served_variants() -> None:
     assert full.default_for(Tier.PAID) == "smollm2-135m"
     # Shipped: simple paid requests stay on the tier default (moving them down is a quality trade, off by default).
     assert full.choose(Tier.PAID, "auto", ComplexityScore(0.0, ())).variant == "smollm2-135m"
+    # The base (not instruction-tuned) Gemma serves only requests that name it.
+    assert full.choose(Tier.PAID, "auto", ComplexityScore(0.9, ("code",))).variant == "smollm2-135m"
+    assert full.choose(Tier.PAID, "gemma3-270m").variant == "gemma3-270m"
+
+
+def test_pinned_only_variants_are_never_chosen_by_auto() -> None:
+    import dataclasses
+
+    policy = dataclasses.replace(POLICY, pinned_only=("large",))
+    hard = ComplexityScore(0.9, ("math",))
+    assert policy.choose(Tier.PAID, "auto", hard).variant == "medium"
+    assert policy.choose(Tier.PAID, "large").reason == "pinned by request"
+    # Unless a tier names it as its default: then it is that tier's auto choice, and load still degrades it.
+    assert policy.choose(Tier.ENTERPRISE, "auto").variant == "large"
+    busy = FakeLoad({"large": 1.8})
+    assert policy.choose(Tier.ENTERPRISE, "auto", load=busy).variant == "medium"
 
 
 def test_policy_file_default_override(tmp_path: Path) -> None:
