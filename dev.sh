@@ -78,7 +78,7 @@ case "$cmd" in
     log "ruff"
     "$VENV/bin/ruff" check .
     log "mypy"
-    "$VENV/bin/mypy" llmesh gateway router triton_models cache_service limiter_service
+    "$VENV/bin/mypy" llmesh gateway router triton_models cache_service limiter_service benchmarks
     log "pytest"
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

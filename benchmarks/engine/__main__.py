@@ -47,7 +47,8 @@ QUESTIONS = [
     "Write a poem about the ocean at night.",
     "Describe how bread is made, from wheat to loaf.",
 ]
-VARIANTS = ("smollm2-135m-int8", "smollm2-135m")
+# Variants measured per model family (`--model`): the first is the one compared with llama.cpp in the ratios.
+MODELS = {"smollm2": ("smollm2-135m-int8", "smollm2-135m"), "gemma3": ("gemma3-270m",)}
 ANCHOR = "llama.cpp"
 
 
@@ -209,7 +210,7 @@ def start_llama(binary: Path, gguf: Path, slots: int, ctx_per_slot: int, log_dir
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_triton(repository: Path, log_dir: Path) -> tuple[ManagedProcess, str, str]:
+def start_triton(repository: Path, log_dir: Path, variants: tuple[str, ...]) -> tuple[ManagedProcess, str, str]:
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     argv, env = tritonserver_command(
         repository,
@@ -219,7 +220,7 @@ def start_triton(repository: Path, log_dir: Path) -> tuple[ManagedProcess, str, 
         backend_dir=prepare_backend_dir(paths.cache_dir()),
     )
     proc = ManagedProcess("tritonserver", argv, log_dir / "tritonserver.log", env=env).start()
-    for v in VARIANTS:
+    for v in variants:
         proc.wait_ready(http_ok_probe(f"http://127.0.0.1:{http_port}/v2/models/{v}/ready"), timeout=300)
     return proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics"
 
@@ -281,7 +282,8 @@ def weight_bytes_per_token(version_dir: Path) -> tuple[float, float]:
 async def prefix_cache_ttft(url: str, variant: str, tokenizer: ChatTokenizer) -> dict[str, float]:
     """TTFT with a ~1,000-token system prompt: first use (miss) vs a second question on it (hit)."""
     client = TritonClient(url, variant)
-    misses, hits = [], []
+    misses: list[float] = []
+    hits: list[float] = []
     for trial in range(3):
         system = f"Reference manual, edition {trial}. " + " ".join(
             f"Rule {i}: every request number {i} must be answered politely and briefly." for i in range(70)
@@ -336,7 +338,7 @@ async def kv_budget_64(url: str, metrics_url: str, variant: str, prompts: list[l
     }
 
 
-def speculative(repository: Path, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+def speculative(repository: Path, prompts: list[list[int]], max_tokens: int, target: str) -> dict[str, float]:
     """Single-stream greedy decode of the fp32 variant with and without its int8 draft, in process (no Triton),
     alternating per prompt; the outputs must be identical."""
     import dataclasses
@@ -344,7 +346,7 @@ def speculative(repository: Path, prompts: list[list[int]], max_tokens: int) -> 
     from triton_models.engine import Engine, GenerationRequest
     from triton_models.engine import SamplingParams as EngineSampling
 
-    version = repository / VARIANTS[1] / "1"
+    version = repository / target / "1"
     spec = Engine.from_model_dir(version)
     if spec.draft is None:
         spec.close()
@@ -375,37 +377,42 @@ def speculative(repository: Path, prompts: list[list[int]], max_tokens: int) -> 
     }
 
 
-def quality(repository: Path) -> dict[str, float]:
+def quality(repository: Path, variants: tuple[str, ...]) -> dict[str, float]:
     from triton_models import quality as q
     from triton_models.engine import Engine
 
-    tokenizer = ChatTokenizer.from_model_dir(repository / VARIANTS[1] / "1")
+    tokenizer = ChatTokenizer.from_model_dir(repository / variants[-1] / "1")
     ids = q.sample_ids(tokenizer, 1024)
     results = {}
-    for v in VARIANTS:
+    for v in variants:
         engine = Engine.from_model_dir(repository / v / "1")
         results[v] = q.evaluate(engine, ids)
         engine.close()
-    return {
-        "tokens": float(len(ids)),
-        **{f"ppl_{v}": results[v].perplexity for v in VARIANTS},
-        "top1_agreement_int8_vs_fp32": q.top1_agreement(results[VARIANTS[0]], results[VARIANTS[1]]),
-    }
+    report = {"tokens": float(len(ids)), **{f"ppl_{v}": results[v].perplexity for v in variants}}
+    if len(variants) == 2:
+        report[f"top1_agreement_{variants[0]}_vs_{variants[1]}"] = q.top1_agreement(
+            results[variants[0]], results[variants[1]]
+        )
+    return report
 
 
 # ---- main -----------------------------------------------------------------------------------------------------
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    settings = BuildSettings(max_queue_delay_us=args.max_queue_delay_us)
+    variants = MODELS[args.model]
+    settings = BuildSettings(variants=variants, max_queue_delay_us=args.max_queue_delay_us)
     repository = ensure_model_repository(settings)
-    tokenizer = ChatTokenizer.from_model_dir(repository / VARIANTS[0] / "1")
+    # llama.cpp serves the very GGUF the variants were built from.
+    gguf = settings.source_path("gemma3" if args.model == "gemma3" else "smollm2")
+    tokenizer = ChatTokenizer.from_model_dir(repository / variants[0] / "1")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     log_dir = paths.state_dir() / "bench-engine"
     log_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": "2-core CPU VM",
+        "model": args.model,
         "args": vars(args),
     }
 
@@ -415,7 +422,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     )
     binary = None if args.no_anchor else llama_server_binary()
 
-    triton, grpc_url, metrics_url = start_triton(repository, log_dir)
+    triton, grpc_url, metrics_url = start_triton(repository, log_dir, variants)
     runs: list[RunStats] = []
     run_rows: list[dict[str, object]] = []
     report["runs"] = run_rows
@@ -424,13 +431,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             for c in args.concurrency:
                 n = max(c * args.requests_per_slot, 4)
                 batch = [prompts[i % len(prompts)] for i in range(n)]
-                systems: list[str] = [*VARIANTS] + ([] if binary is None else [ANCHOR])
+                systems: list[str] = [*variants] + ([] if binary is None else [ANCHOR])
                 if rnd % 2:
                     systems.reverse()
                 for system in systems:
                     if system == ANCHOR:
                         assert binary is not None
-                        proc, url = start_llama(binary, settings.gguf_path, c, settings.max_context, log_dir)
+                        proc, url = start_llama(binary, gguf, c, settings.max_context, log_dir)
                         client: TritonClient | LlamaClient = LlamaClient(url)
                     else:
                         proc, client = None, TritonClient(grpc_url, system)  # type: ignore[assignment]
@@ -452,9 +459,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                         f"(load {s['load1']:.1f})",
                         flush=True,
                     )
-        report["prefix_cache"] = await prefix_cache_ttft(grpc_url, VARIANTS[0], tokenizer)
+        report["prefix_cache"] = await prefix_cache_ttft(grpc_url, variants[0], tokenizer)
         print(f"prefix cache: {report['prefix_cache']}", flush=True)
-        report["kv_budget_64"] = await kv_budget_64(grpc_url, metrics_url, VARIANTS[0], prompts)
+        report["kv_budget_64"] = await kv_budget_64(grpc_url, metrics_url, variants[0], prompts)
         print(f"64 concurrent: {report['kv_budget_64']}", flush=True)
     finally:
         triton.stop()
@@ -467,9 +474,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             table.setdefault(str(c), {})[system] = {k: statistics.median(m[k] for m in mine) for k in mine[0]}
     report["table"] = table
     print("\nmedian over rounds (ratio = llmesh / llama.cpp for tok/s; llama.cpp / llmesh for latencies)")
-    for c, systems in table.items():
-        anchor = systems.get(ANCHOR)
-        for system, s in systems.items():
+    for c, by_system in table.items():
+        anchor = by_system.get(ANCHOR)
+        for system, s in by_system.items():
             line = (
                 f"c={c:<3} {system:<18} {s['tok_s']:7.1f} tok/s  TTFT p50 {s['ttft_p50_ms']:7.1f} ms  "
                 f"ITL p50 {s['itl_p50_ms']:6.1f} ms"
@@ -483,7 +490,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             print(line)
 
     roofline: dict[str, dict[str, float]] = {}
-    for v in VARIANTS:
+    for v in variants:
         bytes_read, flops = weight_bytes_per_token(repository / v / "1")
         single = ceilings["read_gb_s"] * 1e9 / bytes_read
         batched = ceilings["gemm_gflop_s"] * 1e9 / flops
@@ -497,15 +504,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         }
         print(f"roofline {v}: {roofline[v]}")
     report["roofline"] = roofline
-    report["speculative"] = speculative(repository, prompts, args.max_tokens)
-    print(f"speculative decoding (fp32 target, int8 draft, c=1, in process): {report['speculative']}")
-    report["quality"] = quality(repository)
+    if len(variants) > 1:
+        report["speculative"] = speculative(repository, prompts, args.max_tokens, variants[1])
+        print(f"speculative decoding (fp32 target, int8 draft, c=1, in process): {report['speculative']}")
+    report["quality"] = quality(repository, variants)
     print(f"quality: {report['quality']}")
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="which model family to measure")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-slot", type=int, default=2)

@@ -106,3 +106,47 @@ def test_gemma_streams_through_tritonserver_like_the_engine(
         assert streams[rid].error is None and streams[rid].finish_reason == expected.finish_reason
         assert streams[rid].tokens == expected.token_ids
     assert "France" in gemma_tokenizer.decode(streams["text"].tokens)  # a base model continues the text
+
+
+@pytest.fixture(scope="module")
+def gemma_mesh(gemma_triton: TritonServer, redis_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Envoy, gateway, router, limiter and cache in front of the Gemma tritonserver (its own ports and state)."""
+    from llmesh.launcher import Mesh, MeshSettings
+    from tests.fixtures.limiter import copy_default_policy
+    from tests.fixtures.mesh import RunningMesh
+
+    settings = MeshSettings.on_free_ports(
+        limiter_policy_file=copy_default_policy(tmp_path_factory.mktemp("gemma-limiter")),
+        redis_url=redis_url,
+        external_triton_url=gemma_triton.grpc_url,
+        model_repository=gemma_triton.model_repository,
+        state_dir=tmp_path_factory.mktemp("gemma-mesh"),
+        startup_timeout_s=120,
+    )
+    running = Mesh(settings)
+    running.start()
+    yield RunningMesh(running, settings, redis_url)
+    running.stop()
+
+
+def test_gemma_through_envoy_with_the_openai_sdk(gemma_mesh, gemma_engine: Engine, gemma_tokenizer: ChatTokenizer):  # type: ignore[no-untyped-def]
+    import openai
+
+    from llmesh.types import Tier
+
+    key = gemma_mesh.create_key(Tier.PAID)
+    client = openai.OpenAI(base_url=f"{gemma_mesh.http_base}/v1", api_key=key, max_retries=0)
+    assert "gemma3-270m" in [m.id for m in client.models.list()]
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    reply = client.chat.completions.create(model="gemma3-270m", messages=messages, temperature=0, max_tokens=8)
+    [expected] = gemma_engine.generate(
+        [GenerationRequest(chat(gemma_tokenizer, "Name a fruit."), SamplingParams(max_tokens=8))]
+    )
+    assert reply.model == "gemma3-270m"
+    assert reply.usage is not None and reply.usage.completion_tokens == len(expected.token_ids)
+    assert (reply.choices[0].message.content or "") == gemma_tokenizer.decode(expected.token_ids)
+    stream = client.chat.completions.create(
+        model="gemma3-270m", messages=messages, temperature=0, max_tokens=8, stream=True
+    )
+    deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(deltas) == reply.choices[0].message.content
