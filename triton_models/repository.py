@@ -29,10 +29,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from triton_models.config import KNOWN_VARIANTS, METADATA_FILE, BuildSettings, ModelMetadata
+from triton_models.config import METADATA_FILE, BuildSettings, ModelMetadata
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from triton_models.gguf_loader import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +56,23 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _checkpoint_sha256(path: Path) -> str:
+    """A GGUF file's hash, or for a Hugging Face folder the hash of its files' names and hashes."""
+    if not path.is_dir():
+        return _file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and file.suffix in (".json", ".safetensors", ".jinja"):
+            digest.update(f"{file.name}:{_file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def build_key(settings: BuildSettings) -> str:
     """Content hash naming the repository directory (~0.1 s: dominated by hashing the 98 MB GGUF)."""
     fields = asdict(settings)
     # Where things live does not change what is built; the checkpoints' bytes do.
-    del fields["cache_dir"], fields["gguf_path"], fields["gemma_gguf_path"]
-    checkpoints = {source: _file_sha256(settings.source_path(source)) for source in settings.sources}
+    del fields["cache_dir"], fields["gguf_path"], fields["gemma_gguf_path"], fields["hf_path"]
+    checkpoints = {source: _checkpoint_sha256(settings.source_path(source)) for source in settings.sources}
     inputs = {
         "format": _FORMAT,
         "gguf_sha256": checkpoints.pop("smollm2", ""),
@@ -101,33 +118,71 @@ def ensure_model_repository(settings: BuildSettings) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """What the builder needs of one source, whatever its format (GGUF file or Hugging Face folder)."""
+
+    path: Path
+    config: LlamaConfig
+    tokenizer: Tokenizer
+    eos_token_ids: tuple[int, ...]
+    bos_token: str | None
+    eos_token: str | None
+    chat_template: str | None
+
+
+def _load_checkpoint(source: str, path: Path) -> _Checkpoint:
+    from triton_models.tokenizer import build_tokenizer, default_chat_template, eos_token_ids, load_hf_tokenizer
+
+    if source == "hf":
+        from triton_models.weights import hf_config
+
+        tokenizer, info = load_hf_tokenizer(path)
+        return _Checkpoint(
+            path, hf_config(path), tokenizer, info.eos_token_ids, info.bos_token, info.eos_token, info.chat_template
+        )
+    from triton_models.gguf_loader import load_gguf
+
+    model = load_gguf(path, with_weights=False)
+    cfg, tok = model.config, model.tokenizer
+    return _Checkpoint(
+        path,
+        cfg,
+        build_tokenizer(tok),
+        eos_token_ids(tok),
+        tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
+        tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
+        tok.chat_template or default_chat_template(cfg.arch),
+    )
+
+
 def _build(settings: BuildSettings, repo: Path) -> None:
     # Build-only dependencies are imported here so that importing this module (e.g. for build_key) stays light.
-    from triton_models.gguf_loader import load_gguf
     from triton_models.graph import build_graph, save_graph
-    from triton_models.tokenizer import TOKENIZER_FILE, build_tokenizer, default_chat_template, eos_token_ids
-    from triton_models.weights import from_gguf
+    from triton_models.tokenizer import TOKENIZER_FILE
+    from triton_models.weights import from_gguf, from_hf
 
-    checkpoints = {}
+    checkpoints: dict[str, _Checkpoint] = {}
     for source in settings.sources:
-        path = settings.source_path(source)
-        model = load_gguf(path, with_weights=False)
-        if settings.max_context > model.config.context_length:
+        checkpoint = _load_checkpoint(source, settings.source_path(source))
+        if settings.max_context > checkpoint.config.context_length:
             raise ValueError(
-                f"max_context {settings.max_context} exceeds the {model.config.context_length} tokens of {path.name}"
+                f"max_context {settings.max_context} exceeds the {checkpoint.config.context_length} tokens of "
+                f"{checkpoint.path.name}"
             )
-        checkpoints[source] = (path, model, build_tokenizer(model.tokenizer))
+        checkpoints[source] = checkpoint
     for name in settings.variants:
-        spec = KNOWN_VARIANTS[name]
-        path, model, tokenizer = checkpoints[spec.source]
-        cfg, tok = model.config, model.tokenizer
+        spec = settings.spec(name)
+        checkpoint = checkpoints[spec.source]
+        cfg = checkpoint.config
         started = time.monotonic()
         version = repo / name / "1"
         version.mkdir(parents=True)
-        weights = from_gguf(path, spec.weights)  # type: ignore[arg-type]
+        load = from_hf if spec.source == "hf" else from_gguf
+        weights = load(checkpoint.path, spec.weights)  # type: ignore[arg-type]
         save_graph(build_graph(weights, settings.max_context), version / "model.onnx")
         del weights
-        tokenizer.save(str(version / TOKENIZER_FILE))
+        checkpoint.tokenizer.save(str(version / TOKENIZER_FILE))
         metadata = ModelMetadata(
             variant=name,
             context_length=settings.max_context,
@@ -135,10 +190,10 @@ def _build(settings: BuildSettings, repo: Path) -> None:
             num_layers=cfg.n_layers,
             num_kv_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim,
-            eos_token_ids=eos_token_ids(tok),
-            bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
-            eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
-            chat_template=tok.chat_template or default_chat_template(cfg.arch),
+            eos_token_ids=checkpoint.eos_token_ids,
+            bos_token=checkpoint.bos_token,
+            eos_token=checkpoint.eos_token,
+            chat_template=checkpoint.chat_template,
             ort_threads=settings.ort_threads,
             weights=spec.weights,
             engine=settings.engine(name),

@@ -8,6 +8,7 @@ supported: byte-level BPE ("gpt2", e.g. SmolLM2) and SentencePiece ("llama", e.g
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -155,6 +156,56 @@ def _spm_merges(
                 ranked.append((priority, left, right))
     ranked.sort()
     return [(tokens[left], tokens[right]) for _, left, right in ranked]
+
+
+@dataclass(frozen=True)
+class HFTokenizerInfo:
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: tuple[int, ...]
+    chat_template: str | None
+
+
+def load_hf_tokenizer(directory: Path) -> tuple[Tokenizer, HFTokenizerInfo]:
+    """tokenizer.json of a Hugging Face checkpoint as it is, plus what tokenizer_config.json, config.json and
+    generation_config.json say about BOS, end of generation and the chat template."""
+    import json
+
+    def read(name: str) -> dict[str, Any]:
+        path = directory / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no {TOKENIZER_FILE} (a Hugging Face 'fast' tokenizer is needed)")
+    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    settings = read("tokenizer_config.json")
+
+    def token(value: object) -> str | None:
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    bos, eos = token(settings.get("bos_token")), token(settings.get("eos_token"))
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not template and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    ids: set[int] = set()
+    for source in (read("config.json"), read("generation_config.json")):
+        value = source.get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if isinstance(value, int) else [])
+    eos_id = tokenizer.token_to_id(eos) if eos is not None else None
+    if eos_id is not None:
+        ids.add(int(eos_id))
+    if not ids:
+        raise ValueError(f"{directory}: no end-of-sequence token in its config.json or tokenizer_config.json")
+    if isinstance(template, str) and "bos_token" in template:
+        # The template writes BOS itself (transformers then encodes without special tokens); the engine's
+        # encode adds them, so drop the tokenizer's own BOS to avoid two.
+        tokenizer.post_processor = None
+    return tokenizer, HFTokenizerInfo(bos, eos, tuple(sorted(ids)), template if isinstance(template, str) else None)
 
 
 def eos_token_ids(meta: TokenizerMetadata) -> tuple[int, ...]:

@@ -1,0 +1,122 @@
+"""`llmesh build --hf DIR`: a local Hugging Face Llama checkpoint becomes two served variants (fp32 and 8-bit)
+with its own tokenizer and chat template, and the engine serves them with the checkpoint's numerics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from tests.unit.test_graph import CFG, _logits, _random_gguf_layout, _to_rotate_half, _write_safetensors
+from triton_models.__main__ import add_build_arguments, settings_from
+from triton_models.config import BuildSettings, hf_variant_names
+from triton_models.engine import Engine, GenerationRequest, SamplingParams
+from triton_models.repository import build_key, ensure_model_repository
+from triton_models.tokenizer import ChatTokenizer
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _checkpoint(directory: Path) -> np.ndarray:
+    """A tiny random Llama in Hugging Face layout (and its logits for a fixed prompt, from the GGUF layout)."""
+    rng = np.random.default_rng(5)
+    gguf = _random_gguf_layout(rng)
+    c = CFG
+    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    tensors = {"model.embed_tokens.weight": gguf.embedding, "model.norm.weight": gguf.final_norm}
+    for i in range(c.n_layers):
+        qkv, gate_up = gguf.qkv[i], gguf.gate_up[i]
+        assert isinstance(qkv, np.ndarray) and isinstance(gate_up, np.ndarray)
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": gguf.attn_norm[i],
+            p + "self_attn.q_proj.weight": _to_rotate_half(qkv[:qd], c.n_heads, c.head_dim),
+            p + "self_attn.k_proj.weight": _to_rotate_half(qkv[qd : qd + kvd], c.n_kv_heads, c.head_dim),
+            p + "self_attn.v_proj.weight": qkv[qd + kvd :],
+            p + "self_attn.o_proj.weight": gguf.o[i],  # type: ignore[dict-item]
+            p + "post_attention_layernorm.weight": gguf.ffn_norm[i],
+            p + "mlp.gate_proj.weight": gate_up[: c.ffn_dim],
+            p + "mlp.up_proj.weight": gate_up[c.ffn_dim :],
+            p + "mlp.down_proj.weight": gguf.down[i],  # type: ignore[dict-item]
+        }
+    directory.mkdir()
+    _write_safetensors(directory / "model.safetensors", tensors)
+    config = {
+        "model_type": "llama",
+        "hidden_size": c.d_model,
+        "intermediate_size": c.ffn_dim,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "num_hidden_layers": c.n_layers,
+        "rope_theta": c.rope_base,
+        "rms_norm_eps": c.rms_eps,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.context_length,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    # A word-level vocabulary of exactly vocab_size entries: specials first, then w0, w1, ...
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab |= {f"w{i}": len(vocab) + i for i in range(c.vocab_size - len(specials))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE})
+    )
+    return _logits(gguf, [1, 3, 10, 11, 12, 4])
+
+
+def test_hugging_face_checkpoint_builds_and_serves(tmp_path: Path) -> None:
+    directory = tmp_path / "Tiny_Llama"
+    expected = _checkpoint(directory)
+    fp32, int8 = hf_variant_names(directory)
+    assert (fp32, int8) == ("tiny-llama", "tiny-llama-int8")
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    args = parser.parse_args(["--hf", str(directory), "--variants", fp32, int8, "--max-context", "64"])
+    settings = settings_from(args)
+    settings = BuildSettings(**{**settings.__dict__, "cache_dir": tmp_path / "cache"})
+    with pytest.raises(ValueError, match="unknown variant"):
+        BuildSettings(variants=(fp32,))  # without --hf the name means nothing
+
+    repository = ensure_model_repository(settings)
+    version = repository / fp32 / "1"
+    tokenizer = ChatTokenizer.from_model_dir(version)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "w4 w5 w6"}]))
+    assert prompt == [1, 3, 10, 11, 12, 2, 4]  # one BOS (the template's), the turn, the generation prompt
+    assert tokenizer.eos_token_ids == frozenset({2})
+
+    engine = Engine.from_model_dir(version)
+    try:
+        logits = engine.score([1, 3, 10, 11, 12, 4], all_positions=True)
+        assert np.abs(logits - expected).max() < 1e-4
+        [result] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=5))])
+        assert result.finish_reason in ("stop", "length") and result.error is None
+    finally:
+        engine.close()
+    quantized = Engine.from_model_dir(repository / int8 / "1")
+    try:
+        # 8-bit weights and int8 activations (accuracy_level 4): close, and the same next tokens.
+        served = quantized.score([1, 3, 10, 11, 12, 4], all_positions=True)
+        assert np.abs(served - expected).max() < 0.3
+        assert (served.argmax(axis=1) == expected.argmax(axis=1)).all()
+    finally:
+        quantized.close()
+
+    # The checkpoint's bytes are in the cache key: a changed file means a new build.
+    before = build_key(settings)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    assert build_key(settings) != before
