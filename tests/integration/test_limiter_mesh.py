@@ -229,3 +229,11 @@ def test_edge_per_key_limit_answers_429_before_the_gateway(mesh: RunningMesh) ->
     assert [r.status_code for r in replies] == [401, 401, 429]
     assert replies[2].headers["x-envoy-ratelimited"] == "true"
     assert replies[2].headers["x-ratelimit-limit"] == "2" and 1 <= int(replies[2].headers["retry-after"]) <= 60
+    # Envoy's own refusal says why, like the gateway's (status in the body as the transcoder writes it).
+    assert "edge rate limit exceeded" in replies[2].json()["message"]
+    with grpc.insecure_channel(mesh.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
+        chat_pb2_grpc.ChatServiceStub(channel).ListModels(
+            chat_pb2.ListModelsRequest(), metadata=[("authorization", f"Bearer {api_key}")], timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details().startswith("edge rate limit exceeded")
