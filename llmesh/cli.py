@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--redis-url", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL))
 
     build = sub.add_parser("build", help="build (or find cached) the Triton model repository and print its path")
-    from triton_models.__main__ import add_build_arguments
+    from triton_models.config import add_build_arguments
 
     add_build_arguments(build)
     sub.add_parser("protos", help="regenerate Python stubs and Envoy's descriptor set from protos/")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(asyncio.run(_create_key(args.redis_url, Tier(args.tier), args.note)))
         return 0
     if args.command == "build":
-        from triton_models.__main__ import settings_from
+        from triton_models.config import settings_from
         from triton_models.repository import ensure_model_repository
 
         print(ensure_model_repository(settings_from(args)))

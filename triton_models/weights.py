@@ -95,7 +95,7 @@ def from_gguf(path: Path, fmt: WeightFormat) -> DecoderWeights:
     if cfg.gemma and fmt != "fp32" and cfg.tied_embeddings:
         # 262k x 640: one 8-bit table serves lookup and head (an fp32 copy for the lookup alone is 671 MB).
         head = linear(head_name)
-        embedding = head if isinstance(head, QuantizedLinear) else get("token_embd.weight")
+        embedding = head
     else:
         embedding = get("token_embd.weight")
         head = embedding if fmt == "fp32" and cfg.tied_embeddings else linear(head_name)

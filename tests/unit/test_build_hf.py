@@ -11,8 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tests.unit.test_graph import CFG, _logits, _random_gguf_layout, _to_rotate_half, _write_safetensors
-from triton_models.__main__ import add_build_arguments, settings_from
-from triton_models.config import BuildSettings, hf_variant_names
+from triton_models.config import BuildSettings, add_build_arguments, hf_variant_names, settings_from
 from triton_models.engine import Engine, GenerationRequest, SamplingParams
 from triton_models.repository import build_key, ensure_model_repository
 from triton_models.tokenizer import ChatTokenizer
