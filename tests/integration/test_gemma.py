@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures.mesh import run_mesh
 from tests.fixtures.triton import TritonServer, run_tritonserver
 from tests.integration.test_triton import StreamingClient, chat
 from triton_models import quality
@@ -111,22 +112,7 @@ def test_gemma_streams_through_tritonserver_like_the_engine(
 @pytest.fixture(scope="module")
 def gemma_mesh(gemma_triton: TritonServer, redis_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Envoy, gateway, router, limiter and cache in front of the Gemma tritonserver (its own ports and state)."""
-    from llmesh.launcher import Mesh, MeshSettings
-    from tests.fixtures.limiter import copy_default_policy
-    from tests.fixtures.mesh import RunningMesh
-
-    settings = MeshSettings.on_free_ports(
-        limiter_policy_file=copy_default_policy(tmp_path_factory.mktemp("gemma-limiter")),
-        redis_url=redis_url,
-        external_triton_url=gemma_triton.grpc_url,
-        model_repository=gemma_triton.model_repository,
-        state_dir=tmp_path_factory.mktemp("gemma-mesh"),
-        startup_timeout_s=120,
-    )
-    running = Mesh(settings)
-    running.start()
-    yield RunningMesh(running, settings, redis_url)
-    running.stop()
+    yield from run_mesh(gemma_triton, redis_url, tmp_path_factory, "gemma-mesh")
 
 
 def test_gemma_through_envoy_with_the_openai_sdk(gemma_mesh, gemma_engine: Engine, gemma_tokenizer: ChatTokenizer):  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from tests.unit.test_graph import CFG, _logits, _random_gguf_layout, _to_rotate_half, _write_safetensors
+from tests.unit.test_graph import CFG, _logits, _random_gguf_layout, write_hf_checkpoint
 from triton_models.config import BuildSettings, add_build_arguments, hf_variant_names, settings_from
 from triton_models.engine import Engine, GenerationRequest, SamplingParams
 from triton_models.repository import build_key, ensure_model_repository
@@ -27,40 +27,7 @@ def _checkpoint(directory: Path) -> np.ndarray:
     rng = np.random.default_rng(5)
     gguf = _random_gguf_layout(rng)
     c = CFG
-    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    tensors = {"model.embed_tokens.weight": gguf.embedding, "model.norm.weight": gguf.final_norm}
-    for i in range(c.n_layers):
-        qkv, gate_up = gguf.qkv[i], gguf.gate_up[i]
-        assert isinstance(qkv, np.ndarray) and isinstance(gate_up, np.ndarray)
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": gguf.attn_norm[i],
-            p + "self_attn.q_proj.weight": _to_rotate_half(qkv[:qd], c.n_heads, c.head_dim),
-            p + "self_attn.k_proj.weight": _to_rotate_half(qkv[qd : qd + kvd], c.n_kv_heads, c.head_dim),
-            p + "self_attn.v_proj.weight": qkv[qd + kvd :],
-            p + "self_attn.o_proj.weight": gguf.o[i],  # type: ignore[dict-item]
-            p + "post_attention_layernorm.weight": gguf.ffn_norm[i],
-            p + "mlp.gate_proj.weight": gate_up[: c.ffn_dim],
-            p + "mlp.up_proj.weight": gate_up[c.ffn_dim :],
-            p + "mlp.down_proj.weight": gguf.down[i],  # type: ignore[dict-item]
-        }
-    directory.mkdir()
-    _write_safetensors(directory / "model.safetensors", tensors)
-    config = {
-        "model_type": "llama",
-        "hidden_size": c.d_model,
-        "intermediate_size": c.ffn_dim,
-        "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads,
-        "num_hidden_layers": c.n_layers,
-        "rope_theta": c.rope_base,
-        "rms_norm_eps": c.rms_eps,
-        "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.context_length,
-        "tie_word_embeddings": True,
-        "eos_token_id": 2,
-    }
-    (directory / "config.json").write_text(json.dumps(config))
+    write_hf_checkpoint(directory, gguf, eos_token_id=2)
     # A word-level vocabulary of exactly vocab_size entries: specials first, then w0, w1, ...
     specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
     vocab = {t: i for i, t in enumerate(specials)}

@@ -115,9 +115,9 @@ def _logits(weights: DecoderWeights, ids: list[int]) -> np.ndarray:
     return session.run(["logits"], feeds)[0]  # type: ignore[no-any-return]
 
 
-def test_hugging_face_checkpoint_gives_the_same_logits_as_the_gguf_layout(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    gguf = _random_gguf_layout(rng)
+def write_hf_checkpoint(directory: Path, gguf: DecoderWeights, **config: object) -> None:
+    """The weights of a GGUF-layout random Llama as a Hugging Face checkpoint (rotate-half Q/K rows, HF names,
+    config.json; `config` adds or overrides config.json keys)."""
     c = CFG
     qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     tensors = {"model.embed_tokens.weight": gguf.embedding, "model.norm.weight": gguf.final_norm}
@@ -136,24 +136,29 @@ def test_hugging_face_checkpoint_gives_the_same_logits_as_the_gguf_layout(tmp_pa
             p + "mlp.up_proj.weight": gate_up[c.ffn_dim :],
             p + "mlp.down_proj.weight": gguf.down[i],  # type: ignore[dict-item]
         }
-    _write_safetensors(tmp_path / "model.safetensors", tensors)
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "llama",
-                "hidden_size": c.d_model,
-                "intermediate_size": c.ffn_dim,
-                "num_attention_heads": c.n_heads,
-                "num_key_value_heads": c.n_kv_heads,
-                "num_hidden_layers": c.n_layers,
-                "rope_theta": c.rope_base,
-                "rms_norm_eps": c.rms_eps,
-                "vocab_size": c.vocab_size,
-                "max_position_embeddings": c.context_length,
-                "tie_word_embeddings": True,
-            }
-        )
-    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(directory / "model.safetensors", tensors)
+    settings = {
+        "model_type": "llama",
+        "hidden_size": c.d_model,
+        "intermediate_size": c.ffn_dim,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "num_hidden_layers": c.n_layers,
+        "rope_theta": c.rope_base,
+        "rms_norm_eps": c.rms_eps,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.context_length,
+        "tie_word_embeddings": True,
+    }
+    (directory / "config.json").write_text(json.dumps(settings | config))
+
+
+def test_hugging_face_checkpoint_gives_the_same_logits_as_the_gguf_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    gguf = _random_gguf_layout(rng)
+    c = CFG
+    write_hf_checkpoint(tmp_path, gguf)
     ids = [int(t) for t in rng.integers(0, c.vocab_size, 12)]
     expected = _logits(gguf, ids)
     hf = from_hf(tmp_path, "fp32")
