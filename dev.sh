@@ -77,8 +77,10 @@ case "$cmd" in
     install_promtool
     log "ruff"
     "$VENV/bin/ruff" check .
+    log "import contracts (layers)"
+    "$VENV/bin/lint-imports"
     log "mypy"
-    "$VENV/bin/mypy" llmesh gateway router triton_models cache_service limiter_service benchmarks
+    "$VENV/bin/mypy" llmesh control gateway router triton_models cache_service limiter_service benchmarks
     log "pytest"
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

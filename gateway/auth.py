@@ -1,8 +1,7 @@
-"""API keys: created once (shown to the user once), stored only as SHA-256 hashes, looked up per request."""
+"""API key store: keys are created once (shown to the user once), stored only as hashes, looked up per request."""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from typing import Protocol
@@ -10,30 +9,9 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from llmesh.apikeys import KEY_PREFIX, REDIS_KEY, hash_key, key_id_for, parse_bearer
 from llmesh.errors import Unauthenticated, Unavailable
 from llmesh.types import Principal, Tier
-
-KEY_PREFIX = "lm-"
-REDIS_KEY = "llmesh:apikey:{digest}"
-
-
-def hash_key(api_key: str) -> str:
-    # Keys are 256-bit random, so a fast unsalted hash is enough: there is nothing to brute-force.
-    return hashlib.sha256(api_key.encode()).hexdigest()
-
-
-def key_id_for(digest: str) -> str:
-    """A short, stable, loggable id of a key (a prefix of its hash)."""
-    return digest[:16]
-
-
-def parse_bearer(authorization: str | None) -> str:
-    if not authorization:
-        raise Unauthenticated("missing API key: send the header 'authorization: Bearer <key>'")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("malformed authorization header: expected 'Bearer <key>'")
-    return token.strip()
 
 
 class ApiKeyStore(Protocol):

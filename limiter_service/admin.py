@@ -14,7 +14,7 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.auth import KEY_PREFIX, REDIS_KEY, hash_key, key_id_for
+from llmesh.apikeys import KEY_PREFIX, REDIS_KEY, hash_key, key_id_for
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 
 

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-from gateway.auth import hash_key, key_id_for, parse_bearer
 from limiter_service.breaker import CircuitBreaker
 from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
@@ -37,6 +36,7 @@ from limiter_service.store import (
     StoreUnavailable,
     WindowState,
 )
+from llmesh.apikeys import hash_key, key_id_for, parse_bearer
 from llmesh.errors import InvalidRequest, PermissionDenied, Unauthenticated, Unavailable
 from llmesh.types import Tier
 

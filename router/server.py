@@ -32,7 +32,7 @@ SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 def load_variants(repository: Path) -> dict[str, Variant]:
     """Every model in the Triton repository that the builder wrote llmesh metadata for."""
-    from triton_models.tokenizer import ChatTokenizer
+    from llmesh.model_artifact import ChatTokenizer
 
     variants: dict[str, Variant] = {}
     for meta in sorted(repository.glob("*/1/llmesh_model.json")):

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from triton_models.config import ModelMetadata
+from llmesh.model_artifact import ModelMetadata
 
 MODEL_FILE = "model.onnx"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from llmesh.model_artifact import ChatTokenizer
 from triton_models.engine import Engine
-from triton_models.tokenizer import ChatTokenizer
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
 

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from triton_models.config import METADATA_FILE, BuildSettings, ModelMetadata
+from llmesh.model_artifact import METADATA_FILE, TOKENIZER_FILE, ModelMetadata
+from triton_models.config import BuildSettings
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -159,7 +160,6 @@ def _load_checkpoint(source: str, path: Path) -> _Checkpoint:
 def _build(settings: BuildSettings, repo: Path) -> None:
     # Build-only dependencies are imported here so that importing this module (e.g. for build_key) stays light.
     from triton_models.graph import build_graph, save_graph
-    from triton_models.tokenizer import TOKENIZER_FILE
     from triton_models.weights import from_gguf, from_hf
 
     checkpoints: dict[str, _Checkpoint] = {}

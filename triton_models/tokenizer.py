@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from triton_models.config import ModelMetadata
+from llmesh.model_artifact import TOKENIZER_FILE
 
 if TYPE_CHECKING:
     from triton_models.gguf_loader import TokenizerMetadata
-
-TOKENIZER_FILE = "tokenizer.json"
 
 # GGUF token types (llama.cpp's llama_token_type): 1 = normal, 3 = control, 4 = user defined, 6 = byte (<0xXX>).
 _NORMAL = 1
@@ -238,83 +235,3 @@ GEMMA_CHAT_TEMPLATE = (
 def default_chat_template(arch: str) -> str | None:
     """The chat template to use when the checkpoint has none (None: the model cannot take chat requests)."""
     return GEMMA_CHAT_TEMPLATE if arch == "gemma3" else None
-
-
-def _raise_exception(message: str) -> NoReturn:
-    # HF chat templates call raise_exception(...) to reject malformed conversations.
-    raise ValueError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def compile_chat_template(source: str) -> Any:
-    """Compile an HF-style chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
-    import json
-
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-
-    def tojson(value: Any, indent: int | None = None) -> str:
-        return json.dumps(value, ensure_ascii=False, indent=indent)
-
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
-
-
-class ChatTokenizer:
-    """Tokenizer + chat template + stop ids of one built model version directory (`<repo>/<variant>/1`)."""
-
-    def __init__(self, tokenizer: Tokenizer, metadata: ModelMetadata) -> None:
-        self._tokenizer = tokenizer
-        self.metadata = metadata
-        self._template = compile_chat_template(metadata.chat_template) if metadata.chat_template else None
-
-    @classmethod
-    def from_model_dir(cls, version_dir: Path) -> ChatTokenizer:
-        return cls(Tokenizer.from_file(str(version_dir / TOKENIZER_FILE)), ModelMetadata.load(version_dir))
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self.metadata.eos_token_ids)
-
-    @property
-    def context_length(self) -> int:
-        return self.metadata.context_length
-
-    @property
-    def vocab_size(self) -> int:
-        return self.metadata.vocab_size
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        if self._template is None:
-            raise ValueError(f"model {self.metadata.variant!r} has no chat template")
-        return str(
-            self._template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.metadata.bos_token or "",
-                eos_token=self.metadata.eos_token or "",
-            )
-        )
-
-    def encode(self, text: str) -> list[int]:
-        # Special tokens in `text` (e.g. from the chat template) map to their single ids; BOS is added only
-        # when the GGUF says add_bos_token (through the post-processor).
-        return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
-
-    def decode_stream(self, skip_special_tokens: bool = True) -> decoders.DecodeStream:
-        """Incremental detokenizer for streamed ids: `.step(tokenizer_obj, id)` returns new text or None
-        while a multi-byte character is incomplete. Pass `self.hf_tokenizer` as the tokenizer."""
-        return decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
-
-    @property
-    def hf_tokenizer(self) -> Tokenizer:
-        return self._tokenizer

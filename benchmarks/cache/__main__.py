@@ -34,8 +34,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from cache_service.keys import RedisKeys, ScopePolicy, exact_digest
-from llmesh.launcher import Mesh, MeshSettings
-from llmesh.process import ManagedProcess, free_port
+from control.launcher import Mesh, MeshSettings
+from control.process import ManagedProcess, free_port
 from llmesh.types import ChatMessage, SamplingParams, Tier
 from llmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, chat_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 
@@ -78,7 +78,8 @@ def start_mesh(state: Path) -> tuple[Mesh, ManagedProcess]:
 
 
 async def latency(mesh: Mesh, requests: int, concurrency: int) -> None:
-    from gateway.auth import RedisApiKeyStore, hash_key, key_id_for
+    from gateway.auth import RedisApiKeyStore
+    from llmesh.apikeys import hash_key, key_id_for
 
     s = mesh.settings
     redis = aioredis.from_url(s.redis_url)

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from control.process import ManagedProcess, free_port, http_ok_probe
 from llmesh import paths
-from llmesh.process import ManagedProcess, free_port, http_ok_probe
+from llmesh.model_artifact import ChatTokenizer
 from llmesh.types import SamplingParams, Tier
 from router.triton_client import TritonReplica
 from triton_models.config import BuildSettings
 from triton_models.repository import ensure_model_repository
 from triton_models.runtime import prepare_backend_dir, tritonserver_command
-from triton_models.tokenizer import ChatTokenizer
 
 QUESTIONS = [
     "Write a long story about a dragon who learns to cook.",

@@ -29,10 +29,10 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from control.process import free_port
 from limiter_service.core import Limiter
 from limiter_service.policy import PolicySource
 from limiter_service.redis_store import RedisQuotaStore, SingleRedis, connect
-from llmesh.process import free_port
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 from tests.fixtures.limiter import RedisProcess, start_limiter_process
 

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import grpc
 
+from control.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
+from llmesh.model_artifact import ChatTokenizer
 from llmesh.paths import cache_dir
-from llmesh.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
 from llmesh.types import SamplingParams, Tier
 from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.triton_client import TritonReplica
 from triton_models.config import BuildSettings
 from triton_models.repository import ensure_model_repository
 from triton_models.runtime import prepare_backend_dir, tritonserver_command
-from triton_models.tokenizer import ChatTokenizer
 
 QUESTION = "What is the capital of France?"
 

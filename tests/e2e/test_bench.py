@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmesh import cli
-from llmesh.top import parse_metrics
+from control import cli
+from control.top import parse_metrics
 from tests.fixtures.mesh import RunningMesh
 
 REQUESTS = 10

@@ -11,7 +11,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.auth import REDIS_KEY, RedisApiKeyStore, authenticate, hash_key
+from gateway.auth import RedisApiKeyStore, authenticate
+from llmesh.apikeys import REDIS_KEY, hash_key
 from llmesh.errors import Unauthenticated, Unavailable
 from llmesh.types import Tier
 
@@ -54,7 +55,7 @@ def test_redis_down_is_unavailable_not_a_crash() -> None:
 
 def test_cli_keys_create(redis_url: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "llmesh.cli", "keys", "create", "--tier", "free", "--redis-url", redis_url],
+        [sys.executable, "-m", "control.cli", "keys", "create", "--tier", "free", "--redis-url", redis_url],
         capture_output=True,
         text=True,
         check=True,

@@ -21,8 +21,8 @@ import httpx
 import openai
 import pytest
 
-from llmesh.launcher import redis_answers
-from llmesh.process import ManagedProcess, free_port, grpc_health_probe
+from control.launcher import redis_answers
+from control.process import ManagedProcess, free_port, grpc_health_probe
 from llmesh.types import Tier
 from llmesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from tests.fixtures.cache import CacheServer, start_cache_server

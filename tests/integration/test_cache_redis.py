@@ -25,8 +25,8 @@ from cache_service.core import Answer, CacheRequest, ResponseCache
 from cache_service.keys import BYTES_KEY
 from cache_service.metrics import CacheMetrics
 from cache_service.store import RedisBackend
-from llmesh.launcher import redis_answers
-from llmesh.process import ManagedProcess, free_port
+from control.launcher import redis_answers
+from control.process import ManagedProcess, free_port
 from llmesh.types import ChatMessage, SamplingParams, Usage
 from llmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from tests.fixtures.cache import CacheServer, FakeClock
@@ -151,7 +151,7 @@ def test_cli_flush_by_tenant(private_redis: tuple[str, ManagedProcess]) -> None:
 
     def flush(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "llmesh.cli", "cache", "flush", "--redis-url", url, *args],
+            [sys.executable, "-m", "control.cli", "cache", "flush", "--redis-url", url, *args],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr

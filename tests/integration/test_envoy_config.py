@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llmesh.envoy_config import EdgeConfig, envoy_command, render
+from control.envoy_config import EdgeConfig, envoy_command, render
 
 
 def test_envoy_validates_rendered_config(tmp_path: Path) -> None:

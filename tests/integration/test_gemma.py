@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmesh.model_artifact import ChatTokenizer
 from tests.fixtures.mesh import run_mesh
 from tests.fixtures.triton import TritonServer, run_tritonserver
 from tests.integration.test_triton import StreamingClient, chat
@@ -16,7 +17,6 @@ from triton_models import quality
 from triton_models.config import BuildSettings
 from triton_models.engine import Engine, GenerationRequest, SamplingParams
 from triton_models.repository import ensure_model_repository
-from triton_models.tokenizer import ChatTokenizer
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from llmesh.process import free_port
+from control.process import free_port
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -29,7 +29,7 @@ def test_up_starts_redis_serves_and_reports_a_dead_part(triton_server, tmp_path:
     http_port, admin_port, redis_port = free_port(), free_port(), free_port()
     state = tmp_path / "state"
     argv = [
-        sys.executable, "-m", "llmesh.cli", "up",
+        sys.executable, "-m", "control.cli", "up",
         "--http-port", str(http_port), "--envoy-admin-port", str(admin_port),
         "--gateway-port", str(free_port()), "--router-port", str(free_port()),
         "--router-metrics-port", str(free_port()), "--gateway-metrics-port", str(free_port()),
@@ -69,7 +69,7 @@ def test_down_stops_a_running_mesh(triton_server, tmp_path: Path) -> None:  # ty
     state = tmp_path / "state"
     common = ["--state-dir", str(state)]
     argv = [
-        sys.executable, "-m", "llmesh.cli", "up", *common,
+        sys.executable, "-m", "control.cli", "up", *common,
         "--http-port", str(http_port), "--envoy-admin-port", str(free_port()),
         "--gateway-port", str(free_port()), "--router-port", str(free_port()),
         "--router-metrics-port", str(free_port()), "--gateway-metrics-port", str(free_port()),
@@ -85,7 +85,7 @@ def test_down_stops_a_running_mesh(triton_server, tmp_path: Path) -> None:  # ty
     try:
         wait_for_line(out, "llmesh is up", proc, timeout=180)
         down = subprocess.run(
-            [sys.executable, "-m", "llmesh.cli", "down", *common], capture_output=True, text=True, timeout=90
+            [sys.executable, "-m", "control.cli", "down", *common], capture_output=True, text=True, timeout=90
         )
         assert down.returncode == 0, down.stdout + down.stderr
         assert proc.wait(timeout=30) == 0
@@ -100,6 +100,6 @@ def _pid_of(state: Path, name: str) -> int:
 
 
 def _port_open(port: int) -> bool:
-    from llmesh.process import port_open
+    from control.process import port_open
 
     return port_open("127.0.0.1", port)

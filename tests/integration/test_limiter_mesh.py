@@ -14,9 +14,9 @@ import grpc
 import httpx
 import pytest
 
-from gateway.auth import hash_key, key_id_for
-from llmesh.envoy_config import EdgeConfig, envoy_command, render
-from llmesh.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
+from control.envoy_config import EdgeConfig, envoy_command, render
+from control.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
+from llmesh.apikeys import hash_key, key_id_for
 from llmesh.types import Tier
 from llmesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2, limiter_pb2, limiter_pb2_grpc
 from tests.fixtures.mesh import RunningMesh

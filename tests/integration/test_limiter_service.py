@@ -18,10 +18,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.auth import RedisApiKeyStore, hash_key, key_id_for
+from control.envoy_config import EdgeConfig, envoy_command, render
+from control.process import ManagedProcess, free_port, http_ok_probe
+from gateway.auth import RedisApiKeyStore
 from limiter_service.policy import DEFAULT_POLICY_FILE
-from llmesh.envoy_config import EdgeConfig, envoy_command, render
-from llmesh.process import ManagedProcess, free_port, http_ok_probe
+from llmesh.apikeys import hash_key, key_id_for
 from llmesh.types import Tier
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 from tests.fixtures.limiter import LimiterProcess, RedisProcess
@@ -154,7 +155,7 @@ def test_quota_cli_show_and_reset(private_redis: RedisProcess, start_limiter: Ca
     common = ["--limiter-url", limiter.target, "--redis-url", private_redis.url]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "llmesh.cli", "quota", *args, *common]
+        argv = [sys.executable, "-m", "control.cli", "quota", *args, *common]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
     by_key = cli("show", api_key)

@@ -13,9 +13,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from llmesh.model_artifact import ChatTokenizer
 from tests.fixtures.triton import TritonServer
 from triton_models.engine import Engine, GenerationRequest, SamplingParams
-from triton_models.tokenizer import ChatTokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from llmesh.bench.load import LoadPlan, RunOutcome, run_load
-from llmesh.bench.stream import OK, RequestResult
-from llmesh.bench.workload import BenchRequest, WorkloadGenerator, WorkloadSpec
+from control.bench.load import LoadPlan, RunOutcome, run_load
+from control.bench.stream import OK, RequestResult
+from control.bench.workload import BenchRequest, WorkloadGenerator, WorkloadSpec
 
 
 class FakeClock:

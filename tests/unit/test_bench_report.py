@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from llmesh.bench import command
-from llmesh.bench.client import Target
-from llmesh.bench.load import LoadPlan, RunOutcome
-from llmesh.bench.report import TargetRun, build_report, format_value, markdown, terminal_table, write_reports
-from llmesh.bench.stats import summarize
-from llmesh.bench.stream import OK, RequestResult
-from llmesh.bench.workload import Price, WorkloadSpec
+from control.bench import command
+from control.bench.client import Target
+from control.bench.load import LoadPlan, RunOutcome
+from control.bench.report import TargetRun, build_report, format_value, markdown, terminal_table, write_reports
+from control.bench.stats import summarize
+from control.bench.stream import OK, RequestResult
+from control.bench.workload import Price, WorkloadSpec
 
 SPEC = WorkloadSpec(seed=3, prices={"small": Price(0.5, 1.0)})
 PLAN = LoadPlan(concurrency=2, requests=4)

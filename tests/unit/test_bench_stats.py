@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmesh.bench.stats import Distribution, percentile, ratio, summarize, table_rows
-from llmesh.bench.stream import OK, TIMEOUT, RequestResult
-from llmesh.bench.workload import Price
+from control.bench.stats import Distribution, percentile, ratio, summarize, table_rows
+from control.bench.stream import OK, TIMEOUT, RequestResult
+from control.bench.workload import Price
 
 
 def result(

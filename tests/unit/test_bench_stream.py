@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from llmesh.bench.client import ChatClient, Target
-from llmesh.bench.stream import (
+from control.bench.client import ChatClient, Target
+from control.bench.stream import (
     BAD_RESPONSE,
     CONNECTION,
     OK,
@@ -21,7 +21,7 @@ from llmesh.bench.stream import (
     error_from_body,
     result_from_json,
 )
-from llmesh.bench.workload import BenchRequest
+from control.bench.workload import BenchRequest
 
 
 def data(chunk: object) -> str:

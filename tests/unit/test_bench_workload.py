@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from llmesh.bench.command import EXAMPLE_WORKLOAD
-from llmesh.bench.workload import (
+from control.bench.command import EXAMPLE_WORKLOAD
+from control.bench.workload import (
     BenchRequest,
     Price,
     WorkloadGenerator,

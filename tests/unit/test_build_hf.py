@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from llmesh.model_artifact import ChatTokenizer
 from tests.unit.test_graph import CFG, _logits, _random_gguf_layout, write_hf_checkpoint
 from triton_models.config import BuildSettings, add_build_arguments, hf_variant_names, settings_from
 from triton_models.engine import Engine, GenerationRequest, SamplingParams
 from triton_models.repository import build_key, ensure_model_repository
-from triton_models.tokenizer import ChatTokenizer
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

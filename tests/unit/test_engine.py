@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmesh.model_artifact import ChatTokenizer
 from triton_models.engine import (
     Engine,
     EngineConfig,
@@ -17,7 +18,6 @@ from triton_models.engine import (
     Sampler,
     SamplingParams,
 )
-from triton_models.tokenizer import ChatTokenizer
 
 # Runs the built ONNX model.
 pytestmark = pytest.mark.slow

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.auth import hash_key, key_id_for
 from limiter_service.breaker import CircuitBreaker
 from limiter_service.core import Limiter
 from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import DEFAULT_POLICY_FILE, FailureMode, PolicyError, PolicySource, parse_policy
 from limiter_service.store import Check, MemoryQuotaStore, StoreUnavailable, WindowState
+from llmesh.apikeys import hash_key, key_id_for
 from llmesh.errors import InvalidRequest, PermissionDenied, Unavailable
 from llmesh.types import Tier
 

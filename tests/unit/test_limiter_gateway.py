@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from control.process import free_port
 from gateway.pipeline import Reservation
 from gateway.quotas import GrpcQuotaGate, quota_headers
 from llmesh.errors import ResourceExhausted, Unavailable
-from llmesh.process import free_port
 from llmesh.types import Principal, Tier
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from llmesh.model_artifact import ChatTokenizer
 from triton_models import quality
 from triton_models.config import BuildSettings
 from triton_models.engine import Engine, GenerationRequest, SamplingParams
-from triton_models.tokenizer import ChatTokenizer
 
 torch = pytest.importorskip("torch")
 

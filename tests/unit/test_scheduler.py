@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from triton_models.config import ModelMetadata
+from llmesh.model_artifact import ModelMetadata
 from triton_models.engine import (
     Engine,
     EngineConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from triton_models.tokenizer import ChatTokenizer, compile_chat_template
+from llmesh.model_artifact import ChatTokenizer, compile_chat_template
 
 TEXTS = [
     "Hello world",

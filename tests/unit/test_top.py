@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from rich.console import Console
 
-from llmesh import cli, top
+from control import cli, top
+from control.process import free_port
+from control.top import Scrape, compute_view, histogram_quantile, parse_metrics, render
 from llmesh.metrics import LATENCY_BUCKETS
-from llmesh.process import free_port
-from llmesh.top import Scrape, compute_view, histogram_quantile, parse_metrics, render
 
 TRITON_BEFORE = """\
 # HELP nv_inference_request_success Number of successful inference requests, all batch sizes

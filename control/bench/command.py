@@ -15,12 +15,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from llmesh.bench.client import ChatClient, Target, http_client
-from llmesh.bench.load import LoadPlan, run_load
-from llmesh.bench.report import TargetRun, terminal_table, write_reports
-from llmesh.bench.stats import summarize
-from llmesh.bench.stream import RequestResult
-from llmesh.bench.workload import (
+from control.bench.client import ChatClient, Target, http_client
+from control.bench.load import LoadPlan, run_load
+from control.bench.report import TargetRun, terminal_table, write_reports
+from control.bench.stats import summarize
+from control.bench.stream import RequestResult
+from control.bench.workload import (
     DEFAULT_TIER,
     Price,
     WorkloadGenerator,

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llmesh.bench.load import Clock
-from llmesh.bench.stream import CONNECTION, TIMEOUT, RequestResult, StreamReader, error_from_body, result_from_json
-from llmesh.bench.workload import BenchRequest
+from control.bench.load import Clock
+from control.bench.stream import CONNECTION, TIMEOUT, RequestResult, StreamReader, error_from_body, result_from_json
+from control.bench.workload import BenchRequest
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Target:
 
 
 class ChatClient:
-    """A `Sender` (llmesh.bench.load) for one target."""
+    """A `Sender` (control.bench.load) for one target."""
 
     def __init__(self, http: httpx.AsyncClient, target: Target, stream: bool = True, clock: Clock = time.perf_counter):
         self._http, self._target, self._stream, self._clock = http, target, stream, clock

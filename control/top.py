@@ -37,8 +37,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from control.launcher import MeshSettings
 from llmesh import paths
-from llmesh.launcher import MeshSettings
 
 K = TypeVar("K")
 Labels = tuple[tuple[str, str], ...]

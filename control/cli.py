@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from llmesh.launcher import MeshSettings, run_down, run_up
+from control.launcher import MeshSettings, run_down, run_up
 from llmesh.settings import add_arguments, from_namespace
 from llmesh.types import Tier
 
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     quota.add_argument("--limiter-url", default=os.environ.get("LLMESH_LIMITER_URL", "127.0.0.1:50053"))
     quota.add_argument("--redis-url", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL))
 
-    from llmesh import top
-    from llmesh.bench import command as bench
+    from control import top
+    from control.bench import command as bench
 
     bench_parser = sub.add_parser("bench", help="load-test the mesh or any OpenAI-compatible endpoint; write reports")
     bench.add_arguments(bench_parser)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "top":
         return top.run(args)
     if args.command == "protos":
-        from llmesh import protogen
+        from control import protogen
 
         return protogen.main([])
     parser.error(f"unknown command {args.command}")

@@ -11,8 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from llmesh.bench.stream import RequestResult
-from llmesh.bench.workload import BenchRequest
+from control.bench.stream import RequestResult
+from control.bench.workload import BenchRequest
 
 Sender = Callable[[BenchRequest], Awaitable[RequestResult]]
 Clock = Callable[[], float]

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmesh.bench.stream import RequestResult
-from llmesh.bench.workload import Price
+from control.bench.stream import RequestResult
+from control.bench.workload import Price
 
 QUANTILES = (0.5, 0.95, 0.99)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from rich.table import Table
 
-from llmesh.bench.client import Target
-from llmesh.bench.load import LoadPlan, RunOutcome
-from llmesh.bench.stats import GroupCounts, Row, Summary, ratio, table_rows
-from llmesh.bench.workload import WorkloadSpec
+from control.bench.client import Target
+from control.bench.load import LoadPlan, RunOutcome
+from control.bench.stats import GroupCounts, Row, Summary, ratio, table_rows
+from control.bench.workload import WorkloadSpec
 
 FORMAT_VERSION = 1
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "bench.json", "bench.md", "bench.png"

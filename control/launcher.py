@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from control.envoy_config import EdgeConfig, envoy_command, render
+from control.process import ManagedProcess, ProcessFailed, free_port, grpc_health_probe, http_ok_probe
 from llmesh import paths
-from llmesh.envoy_config import EdgeConfig, envoy_command, render
-from llmesh.process import ManagedProcess, ProcessFailed, free_port, grpc_health_probe, http_ok_probe
 
 log = logging.getLogger(__name__)
 
