@@ -22,11 +22,12 @@ I/O CONTRACT (model name = the variant, e.g. "smollm2-135m"; decoupled -> use gR
                                      reached) | b"cancelled" (the client cancelled), flag COMPLETE_FINAL
            or, for an invalid request, a single final error response whose message starts with
            "invalid request: " (code INVALID_ARG; gRPC streaming delivers only the message, in
-           ModelStreamInferResponse.error_message); nothing is generated. An internal failure ends every open
-           request with an error whose message starts with "generation failed: ".
+           ModelStreamInferResponse.error_message); nothing is generated. An internal failure ends the requests
+           it touched (only those; the others go on) with a final error whose message starts with
+           "generation failed: "; so does unloading the model for every request still open.
 
 execute() validates each request, hands it to the engine and returns at once; one engine thread per model
-instance runs iteration-level continuous batching (engine.Engine): requests join the running batch between
+instance runs iteration-level continuous batching (engine.Engine.run): requests join the running batch between
 decode steps and leave the moment they finish or are cancelled (cancellation frees their KV blocks at once).
 Engine state is exported as Triton custom metrics (llmesh_engine_*, on Triton's metrics port). This file is
 only wiring between Triton and the engine; it is copied into each built repository by repository.py.
@@ -44,7 +45,14 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_models.engine import Engine, FinishReason, GenerationRequest, InvalidRequest, SamplingParams
+from triton_models.engine import (
+    Engine,
+    EngineSampling,
+    EngineStopped,
+    FinishReason,
+    GenerationRequest,
+    RequestRejected,
+)
 
 # name -> (Triton type, optional); what repository.render_config writes and this file reads.
 EXPECTED_INPUTS = {
@@ -92,27 +100,27 @@ def _optional_scalar(request: Any, name: str) -> float | int | None:
         return None
     array = tensor.as_numpy()
     if array.size != 1:
-        raise InvalidRequest(f"{name} must hold exactly one value, got shape {list(array.shape)}")
+        raise RequestRejected(f"{name} must hold exactly one value, got shape {list(array.shape)}")
     return array.reshape(-1)[0].item()  # type: ignore[no-any-return]
 
 
 def parse_request(request: Any) -> GenerationRequest:
     ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
     if ids_tensor is None:  # Triton enforces required inputs; kept so a config drift fails clearly
-        raise InvalidRequest("input_ids is required")
+        raise RequestRejected("input_ids is required")
     ids = ids_tensor.as_numpy()
     if ids.ndim != 2 or ids.shape[0] != 1:
-        raise InvalidRequest(f"input_ids must have shape [1, L] (one sequence per request), got {list(ids.shape)}")
+        raise RequestRejected(f"input_ids must have shape [1, L] (one sequence per request), got {list(ids.shape)}")
     max_tokens = _optional_scalar(request, "max_tokens")
     if max_tokens is None:
-        raise InvalidRequest("max_tokens is required")
+        raise RequestRejected("max_tokens is required")
     temperature = _optional_scalar(request, "temperature")
     top_p = _optional_scalar(request, "top_p")
     top_k = _optional_scalar(request, "top_k")
     seed = _optional_scalar(request, "seed")
     return GenerationRequest(
         prompt_ids=[int(t) for t in ids[0]],
-        sampling=SamplingParams(
+        sampling=EngineSampling(
             max_tokens=int(max_tokens),
             temperature=0.0 if temperature is None else float(temperature),
             top_p=1.0 if top_p is None else float(top_p),
@@ -265,27 +273,33 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.engine = Engine.from_model_dir(version_dir)
         self.metrics = _Metrics(self.model_name)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_name}", daemon=True)
-        self._thread.start()
+        self._start()
         self.logger.log_info(
             f"{self.model_name}: loaded {version_dir}, context {self.engine.capacity} tokens, "
             f"eos ids {sorted(self.engine.eos_token_ids)}, engine {self.engine.config}"
         )
 
+    def _start(self) -> None:
+        """The engine thread: Engine.run, which contains request failures itself (engine/scheduler.py)."""
+        self._stop = threading.Event()
+        self._steps = 0
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_name}", daemon=True)
+        self._thread.start()
+
     def _loop(self) -> None:
-        steps = 0
-        while not self._stop.is_set():
-            try:
-                worked = self.engine.step()
-                steps += 1
-                if not worked or steps % 16 == 0:
-                    self.metrics.update(self.engine)
-            except Exception:  # a bug in the scheduler itself: logged, and the loop keeps serving
-                self.logger.log_error(f"{self.model_name}: engine loop error:\n{traceback.format_exc()}")
-                worked = False
-            if not worked:
-                self.engine.run_idle_wait()
+        try:
+            self.engine.run(self._stop, self._after_step)
+        except Exception:  # the loop itself broke: Engine.run has already failed every open request
+            self.logger.log_error(f"{self.model_name}: engine loop stopped:\n{traceback.format_exc()}")
+
+    def _after_step(self, worked: bool) -> None:
+        self._steps += 1
+        if worked and self._steps % 16:
+            return
+        try:
+            self.metrics.update(self.engine)
+        except Exception:  # metrics are best effort: a failed export must not stop generation
+            self.logger.log_error(f"{self.model_name}: metrics update failed:\n{traceback.format_exc()}")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -293,9 +307,11 @@ class TritonPythonModel:
             try:
                 generation = parse_request(request)
                 self.engine.submit(generation, stream)
-            except InvalidRequest as exc:
+            except RequestRejected as exc:
                 self.logger.log_warn(f"{self.model_name}: rejected request {request.request_id()!r}: {exc}")
                 stream.fail(f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
+            except EngineStopped as exc:
+                stream.fail(f"generation failed: {exc}")
         return None
 
     def finalize(self) -> None:

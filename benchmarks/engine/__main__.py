@@ -343,8 +343,7 @@ def speculative(repository: Path, prompts: list[list[int]], max_tokens: int, tar
     alternating per prompt; the outputs must be identical."""
     import dataclasses
 
-    from triton_models.engine import Engine, GenerationRequest
-    from triton_models.engine import SamplingParams as EngineSampling
+    from triton_models.engine import Engine, EngineSampling, GenerationRequest
 
     version = repository / target / "1"
     spec = Engine.from_model_dir(version)

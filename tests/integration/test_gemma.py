@@ -15,7 +15,7 @@ from tests.fixtures.triton import TritonServer, run_tritonserver
 from tests.integration.test_triton import StreamingClient, chat
 from triton_models import quality
 from triton_models.config import BuildSettings
-from triton_models.engine import Engine, GenerationRequest, SamplingParams
+from triton_models.engine import Engine, EngineSampling, GenerationRequest
 from triton_models.repository import ensure_model_repository
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_gemma_streams_through_tritonserver_like_the_engine(
     finally:
         client.close()
     for rid, prompt in prompts.items():
-        [expected] = gemma_engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=12))])
+        [expected] = gemma_engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=12))])
         assert streams[rid].error is None and streams[rid].finish_reason == expected.finish_reason
         assert streams[rid].tokens == expected.token_ids
     assert "France" in gemma_tokenizer.decode(streams["text"].tokens)  # a base model continues the text
@@ -126,7 +126,7 @@ def test_gemma_through_envoy_with_the_openai_sdk(gemma_mesh, gemma_engine: Engin
     messages = [{"role": "user", "content": "Name a fruit."}]
     reply = client.chat.completions.create(model="gemma3-270m", messages=messages, temperature=0, max_tokens=8)
     [expected] = gemma_engine.generate(
-        [GenerationRequest(chat(gemma_tokenizer, "Name a fruit."), SamplingParams(max_tokens=8))]
+        [GenerationRequest(chat(gemma_tokenizer, "Name a fruit."), EngineSampling(max_tokens=8))]
     )
     assert reply.model == "gemma3-270m"
     assert reply.usage is not None and reply.usage.completion_tokens == len(expected.token_ids)

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from llmesh.model_artifact import ChatTokenizer
 from tests.fixtures.triton import TritonServer
-from triton_models.engine import Engine, GenerationRequest, SamplingParams
+from triton_models.engine import Engine, EngineSampling, GenerationRequest
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,7 @@ def test_concurrent_requests_are_batched_and_match_the_engine(
     streams = client.collect([f"q{i}" for i in range(len(prompts))])
     assert _batched_executions(triton_server) > before, "the dynamic batcher never formed a batch > 1"
     for i, prompt in enumerate(prompts):
-        [expected] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=24))])
+        [expected] = engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=24))])
         assert (streams[f"q{i}"].tokens, streams[f"q{i}"].finish_reason) == (
             expected.token_ids,
             expected.finish_reason,

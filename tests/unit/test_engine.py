@@ -13,10 +13,10 @@ from llmesh.model_artifact import ChatTokenizer
 from triton_models.engine import (
     Engine,
     EngineConfig,
+    EngineSampling,
     GenerationRequest,
-    InvalidRequest,
+    RequestRejected,
     Sampler,
-    SamplingParams,
 )
 
 # Runs the built ONNX model.
@@ -30,7 +30,7 @@ def chat(tokenizer: ChatTokenizer, question: str) -> list[int]:
 
 
 def greedy(engine: Engine, prompt: list[int], max_tokens: int = 24) -> list[int]:
-    [result] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens))])
+    [result] = engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=max_tokens))])
     return result.token_ids
 
 
@@ -47,14 +47,14 @@ def small_engine(model_version_dir: Path) -> Iterator[Engine]:
 @pytest.mark.parametrize("fixture", ["engine", "int8_engine"])
 def test_answers_and_stops_on_eos(fixture: str, request: pytest.FixtureRequest, chat_tokenizer: ChatTokenizer) -> None:
     engine: Engine = request.getfixturevalue(fixture)
-    [result] = engine.generate([GenerationRequest(chat(chat_tokenizer, QUESTION), SamplingParams(max_tokens=40))])
+    [result] = engine.generate([GenerationRequest(chat(chat_tokenizer, QUESTION), EngineSampling(max_tokens=40))])
     assert result.finish_reason == "stop"
     assert "Paris" in chat_tokenizer.decode(result.token_ids)
     assert not set(result.token_ids) & engine.eos_token_ids
 
 
 def test_max_tokens_gives_length(engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
-    [result] = engine.generate([GenerationRequest(chat(chat_tokenizer, "Count to 50."), SamplingParams(max_tokens=5))])
+    [result] = engine.generate([GenerationRequest(chat(chat_tokenizer, "Count to 50."), EngineSampling(max_tokens=5))])
     assert result.finish_reason == "length" and len(result.token_ids) == 5
 
 
@@ -82,11 +82,11 @@ def test_batched_and_joined_greedy_equals_one_at_a_time(engine: Engine, chat_tok
             return False
 
     for i in (0, 1):
-        engine.submit(GenerationRequest(prompts[i], SamplingParams(max_tokens=24)), Sink(i))
+        engine.submit(GenerationRequest(prompts[i], EngineSampling(max_tokens=24)), Sink(i))
     for _ in range(4):
         engine.step()
-    assert len(engine.running) == 2
-    engine.submit(GenerationRequest(prompts[2], SamplingParams(max_tokens=24)), Sink(2))
+    assert len(engine.scheduler.running) == 2
+    engine.submit(GenerationRequest(prompts[2], EngineSampling(max_tokens=24)), Sink(2))
     while engine.has_work():
         engine.step()
     assert sinks == alone and None not in results
@@ -147,15 +147,15 @@ def test_cancellation_frees_blocks_and_the_other_stream_goes_on(
 
     prompt = chat(chat_tokenizer, "Count from 1 to 100.")
     a, b = Sink(), Sink()
-    small_engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=30)), a)
-    small_engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=30)), b)
+    small_engine.submit(GenerationRequest(prompt, EngineSampling(max_tokens=30)), a)
+    small_engine.submit(GenerationRequest(prompt, EngineSampling(max_tokens=30)), b)
     for _ in range(5):
         small_engine.step()
-    blocks_b = next(s.blocks for s in small_engine.running if s.sink is b)
-    used = small_engine.blocks_used
+    blocks_b = next(s.blocks for s in small_engine.scheduler.running if s.sink is b)
+    used = small_engine.scheduler.budget.used
     b.cancel = True
     small_engine.step()
-    assert b.reason == "cancelled" and small_engine.blocks_used <= used - blocks_b + 1
+    assert b.reason == "cancelled" and small_engine.scheduler.budget.used <= used - blocks_b + 1
     while small_engine.has_work():
         small_engine.step()
     assert a.reason == "length" and len(a.tokens) == 30
@@ -166,13 +166,13 @@ def test_kv_budget_with_many_requests_waits_preempts_and_stays_correct(
 ) -> None:
     prompts = [chat(chat_tokenizer, f"Write the number {i} in words.") for i in range(12)]
     expected = [greedy(engine, p, 16) for p in prompts]
-    requests = [GenerationRequest(p, SamplingParams(max_tokens=16)) for p in prompts]
+    requests = [GenerationRequest(p, EngineSampling(max_tokens=16)) for p in prompts]
     results: list[list[int]] = [[] for _ in prompts]
     for i, r in enumerate(requests):
         small_engine.submit(r, _ListSink(results[i]))
     while small_engine.has_work():
         small_engine.step()
-        assert small_engine.blocks_used <= small_engine.total_blocks
+        assert small_engine.scheduler.budget.used <= small_engine.scheduler.budget.total
     assert results == expected
 
 
@@ -197,7 +197,7 @@ def test_seeded_sampling_is_reproducible(engine: Engine, chat_tokenizer: ChatTok
     prompt = chat(chat_tokenizer, "Tell me a story.")
 
     def sample(seed: int) -> list[int]:
-        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
+        params = EngineSampling(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
         return engine.generate([GenerationRequest(prompt, params)])[0].token_ids
 
     assert sample(7) == sample(7)
@@ -207,42 +207,42 @@ def test_seeded_sampling_is_reproducible(engine: Engine, chat_tokenizer: ChatTok
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
-        ([], SamplingParams(max_tokens=4), "empty"),
-        ([1, 2], SamplingParams(max_tokens=0), "max_tokens must be positive"),
-        ([1] * 2000, SamplingParams(max_tokens=49), "exceeds the model's context length of 2048"),
-        ([1, 99999999], SamplingParams(max_tokens=4), "outside"),
-        ([1, 2], SamplingParams(max_tokens=4, temperature=-1), "temperature"),
-        ([1, 2], SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
-        ([1, 2], SamplingParams(max_tokens=4, top_k=-3), "top_k"),
+        ([], EngineSampling(max_tokens=4), "empty"),
+        ([1, 2], EngineSampling(max_tokens=0), "max_tokens must be positive"),
+        ([1] * 2000, EngineSampling(max_tokens=49), "exceeds the model's context length of 2048"),
+        ([1, 99999999], EngineSampling(max_tokens=4), "outside"),
+        ([1, 2], EngineSampling(max_tokens=4, temperature=-1), "temperature"),
+        ([1, 2], EngineSampling(max_tokens=4, top_p=0.0), "top_p"),
+        ([1, 2], EngineSampling(max_tokens=4, top_k=-3), "top_k"),
     ],
 )
-def test_invalid_requests(engine: Engine, prompt: list[int], params: SamplingParams, message: str) -> None:
-    with pytest.raises(InvalidRequest, match=message):
+def test_invalid_requests(engine: Engine, prompt: list[int], params: EngineSampling, message: str) -> None:
+    with pytest.raises(RequestRejected, match=message):
         engine.validate(GenerationRequest(prompt, params))
 
 
 def test_context_limit_is_inclusive(engine: Engine) -> None:
-    engine.validate(GenerationRequest([1] * 2000, SamplingParams(max_tokens=48)))
+    engine.validate(GenerationRequest([1] * 2000, EngineSampling(max_tokens=48)))
 
 
 def test_sampler() -> None:
     logits = np.array([0.0, 5.0, 1.0, 4.9], dtype=np.float32)
     rng = np.random.default_rng(0)
-    assert Sampler.sample(logits, SamplingParams(max_tokens=1), rng) == 1
+    assert Sampler.sample(logits, EngineSampling(max_tokens=1), rng) == 1
     # top_k=1 is greedy whatever the temperature; top_p tiny keeps only the best token.
-    assert {Sampler.sample(logits, SamplingParams(max_tokens=1, temperature=5.0, top_k=1), rng) for _ in range(20)} == {
+    assert {Sampler.sample(logits, EngineSampling(max_tokens=1, temperature=5.0, top_k=1), rng) for _ in range(20)} == {
         1
     }
     assert {
-        Sampler.sample(logits, SamplingParams(max_tokens=1, temperature=5.0, top_p=0.01), rng) for _ in range(20)
+        Sampler.sample(logits, EngineSampling(max_tokens=1, temperature=5.0, top_p=0.01), rng) for _ in range(20)
     } == {1}
     # top_k=2 never leaves the two best.
     assert {
-        Sampler.sample(logits, SamplingParams(max_tokens=1, temperature=50.0, top_k=2), rng) for _ in range(50)
+        Sampler.sample(logits, EngineSampling(max_tokens=1, temperature=50.0, top_k=2), rng) for _ in range(50)
     } <= {1, 3}
 
 
-def _nucleus_by_full_sort(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+def _nucleus_by_full_sort(logits: np.ndarray, params: EngineSampling, u: float) -> int:
     """The nucleus the plain way: sort the whole vocabulary (what Sampler avoids for large vocabularies)."""
     probs = np.exp(logits.astype(np.float64) / params.temperature - logits.max() / params.temperature)
     probs /= probs.sum()
@@ -259,7 +259,7 @@ def test_top_p_on_a_large_vocabulary_matches_a_full_sort(top_p: float) -> None:
     for trial in range(20):
         # Peaked and flat distributions over a Gemma-sized vocabulary: the nucleus spans 1 to ~100k tokens.
         logits = (rng.standard_normal(262_144) * (8.0 if trial % 2 else 0.5)).astype(np.float32)
-        params = SamplingParams(max_tokens=1, temperature=0.7, top_p=top_p)
+        params = EngineSampling(max_tokens=1, temperature=0.7, top_p=top_p)
         expected = _nucleus_by_full_sort(logits, params, np.random.default_rng(trial).random())
         assert Sampler.sample(logits, params, np.random.default_rng(trial)) == expected
 

@@ -11,7 +11,7 @@ import pytest
 from llmesh.model_artifact import ChatTokenizer
 from triton_models import quality
 from triton_models.config import BuildSettings
-from triton_models.engine import Engine, GenerationRequest, SamplingParams
+from triton_models.engine import Engine, EngineSampling, GenerationRequest
 
 torch = pytest.importorskip("torch")
 
@@ -32,7 +32,7 @@ def reference(build_settings: BuildSettings) -> Iterator[object]:
     from triton_models.gguf_loader import load_gguf
     from triton_models.reference import ReferenceLlama
 
-    model = load_gguf(build_settings.gguf_path)
+    model = load_gguf(build_settings.source_path("smollm2"))
     yield ReferenceLlama(model.config, model.weights).eval()
 
 
@@ -64,7 +64,7 @@ def test_greedy_continuations_match_reference(
     eos = frozenset(engine.metadata.eos_token_ids)
     for prompt in prompts:
         expected = reference.greedy(prompt, max_tokens=20, eos_ids=eos)
-        [result] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=20))])
+        [result] = engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=20))])
         assert result.token_ids == expected
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 import types
 from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.unit.test_scheduler import make_engine
+from triton_models.engine import STOPPED_MESSAGE
 
 
 class FakeTritonError:
@@ -182,3 +186,71 @@ def test_validate_config_names_problems(pm: Any) -> None:
                 ],
             }
         )
+
+
+class FakeMetrics:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.updates, self.closed = fail, 0, False
+
+    def update(self, engine: Any) -> None:
+        self.updates += 1
+        if self.fail:
+            raise RuntimeError("metric export broke")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def started(pm: Any, metrics: FakeMetrics, **overrides: Any) -> tuple[Any, Any]:
+    """A model whose engine thread runs (TritonPythonModel._start) over a fake-model engine of its own."""
+    engine, _ = make_engine()
+    m = model(pm, engine)
+    m.metrics = metrics
+    for name, value in overrides.items():
+        setattr(m, name, value)
+    m._start()
+    return m, engine
+
+
+def wait_final(*requests: FakeRequest, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(r.sender.sent and r.sender.sent[-1][1] == FINAL for r in requests):
+        assert time.monotonic() < deadline, "no final response"
+        time.sleep(0.01)
+
+
+def test_engine_thread_streams_and_a_failing_metrics_export_does_not_stop_it(pm: Any) -> None:
+    FakeLogger.lines.clear()
+    m, _ = started(pm, FakeMetrics(fail=True))
+    a, b = request("a", [1, 2, 3], 4), request("b", [4, 5], 4)
+    m.execute([a, b])
+    wait_final(a, b)
+    for r in (a, b):
+        assert [f for _, f in r.sender.sent][-1] == FINAL and r.sender.sent[-1][0].error is None
+    assert m.metrics.updates > 0 and any("metrics update failed" in line for line in FakeLogger.lines)
+    m.finalize()
+    assert not m._thread.is_alive() and m.metrics.closed
+
+
+def test_unloading_ends_open_requests_and_refuses_new_ones(pm: Any) -> None:
+    models: list[Any] = []
+
+    def after_step(worked: bool) -> None:
+        if worked:  # unload after the first step that did something, while the request is still generating
+            models[0]._stop.set()
+
+    m, engine = started(pm, FakeMetrics(), _after_step=after_step)
+    models.append(m)
+    r = request("r", [1, 2, 3], 100)
+    m.execute([r])
+    m._thread.join(10)
+    assert not m._thread.is_alive()
+    *tokens, (final, flags) = r.sender.sent
+    assert len(tokens) >= 1 and flags == FINAL
+    assert final.error.code == "INTERNAL" and final.error.message == STOPPED_MESSAGE
+    late = request("late", [1, 2], 3)
+    m.execute([late])
+    [(err, flags)] = late.sender.sent
+    assert flags == FINAL and err.error.code == "INTERNAL" and err.error.message.startswith("generation failed: ")
+    m.finalize()
+    assert not engine.has_work()

@@ -1,4 +1,5 @@
-"""engine.Engine's scheduling with a fake model whose next token is a function of the whole KV history.
+"""engine.Engine's scheduling (engine/scheduler.py) with a fake model whose next token is a function of the whole KV
+history.
 
 The fake writes each token into the real KVPool at its position and reads the slot back to decide the next
 token, so a wrong slot move, prefix copy, chunk boundary or preemption changes the output. Every scheduled run
@@ -16,11 +17,11 @@ from llmesh.model_artifact import ModelMetadata
 from triton_models.engine import (
     Engine,
     EngineConfig,
+    EngineSampling,
     FinishReason,
     GenerationRequest,
-    InvalidRequest,
     KVPool,
-    SamplingParams,
+    RequestRejected,
 )
 
 VOCAB = 64
@@ -59,7 +60,7 @@ METADATA = ModelMetadata(
 
 
 class FakeRunner:
-    """ModelRunner stand-in: stores token ids as 'keys' and derives logits from the stored history."""
+    """Runner (engine.runner) stand-in: stores token ids as 'keys' and derives logits from the stored history."""
 
     def __init__(self, pool: KVPool) -> None:
         self.metadata = METADATA
@@ -108,7 +109,7 @@ def make_engine(**overrides: int | bool) -> tuple[Engine, FakeRunner]:
     config = EngineConfig(**{"max_running": 4, "kv_budget_tokens": 4096, "prefill_chunk": 32, **overrides})  # type: ignore[arg-type]
     pool = KVPool(1, 1, 16, 2 * config.max_running + config.max_cached, METADATA.context_length)
     runner = FakeRunner(pool)
-    return Engine(runner, config), runner  # type: ignore[arg-type]
+    return Engine(runner, config), runner
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -117,7 +118,7 @@ def prompt(seed: int, length: int) -> list[int]:
 
 def submit(engine: Engine, tokens: list[int], max_tokens: int, priority: int = 0) -> Recorder:
     sink = Recorder([])
-    engine.submit(GenerationRequest(tokens, SamplingParams(max_tokens=max_tokens), priority=priority), sink)
+    engine.submit(GenerationRequest(tokens, EngineSampling(max_tokens=max_tokens), priority=priority), sink)
     return sink
 
 
@@ -129,13 +130,16 @@ def run(engine: Engine, check: bool = True) -> None:
 
 
 def assert_invariants(engine: Engine) -> None:
-    assert 0 <= engine.blocks_used <= engine.total_blocks
-    owned = sum(s.blocks for s in [*engine.running, *engine.prefilling, *engine.waiting])
-    assert engine.blocks_used == owned + sum(e.blocks for e in engine.cache.values())
-    for i, seq in enumerate(engine.running):
-        assert seq.slot == i and engine.slot_owner[i] is seq
-    for seq in engine.prefilling:
-        assert seq.slot is not None and engine.slot_owner[seq.slot] is seq
+    s = engine.scheduler
+    assert 0 <= s.budget.used <= s.budget.total
+    owned = sum(q.blocks for q in [*s.running, *s.prefilling, *s.waiting])
+    assert s.budget.used == owned + sum(e.blocks for e in s.prefix_cache.values())
+    for i, seq in enumerate(s.running):
+        assert seq.slot == i and s.slots.owners[i] is seq
+    for seq in s.prefilling:
+        assert seq.slot is not None and s.slots.owners[seq.slot] is seq
+    for entry in s.prefix_cache.values():
+        assert s.slots.owners[entry.slot] is entry
 
 
 def test_outputs_equal_the_reference_under_batching_chunking_and_leaving() -> None:
@@ -152,7 +156,7 @@ def test_newcomers_join_between_decode_steps_and_running_streams_keep_flowing() 
     first = submit(engine, prompt(1, 4), 200)
     for _ in range(3):
         engine.step()
-    assert len(engine.running) == 1
+    assert len(engine.scheduler.running) == 1
     before = len(first.tokens)
     late = submit(engine, prompt(2, 40), 5)  # 40 tokens: prefilled in 5 chunks of 8
     steps = 0
@@ -161,7 +165,7 @@ def test_newcomers_join_between_decode_steps_and_running_streams_keep_flowing() 
         steps += 1
     # Every step while the newcomer prefilled also decoded one token for the running stream.
     assert len(first.tokens) - before == steps
-    assert len(engine.running) == 2
+    assert len(engine.scheduler.running) == 2
     engine.step()
     assert runner.calls[-1][1:] == (2, 1), "the newcomer did not join the decode batch"
     run(engine)
@@ -172,7 +176,7 @@ def test_a_finished_sequence_leaves_the_batch_at_once() -> None:
     engine, runner = make_engine()
     short, long = submit(engine, prompt(3, 6), 1), submit(engine, prompt(4, 6), 50)
     engine.step()  # prefill both; `short` is done after its first token
-    assert short.reason is not None and [s.request.sampling.max_tokens for s in engine.running] == [50]
+    assert short.reason is not None and [s.request.sampling.max_tokens for s in engine.scheduler.running] == [50]
     engine.step()
     assert runner.calls[-1][1] == 1  # the next decode call has one row
     run(engine)
@@ -184,17 +188,17 @@ def test_cancellation_frees_blocks_at_once_and_spares_the_others() -> None:
     a, b = submit(engine, prompt(5, 30), 100), submit(engine, prompt(6, 30), 100)
     for _ in range(3):
         engine.step()
-    used = engine.blocks_used
-    b_blocks = next(s.blocks for s in engine.running if s.sink is b)
+    used = engine.scheduler.budget.used
+    b_blocks = next(s.blocks for s in engine.scheduler.running if s.sink is b)
     b.cancel = True
     engine.step()
     assert b.reason == "cancelled"
     # One step later: b's blocks are gone (a may have grown by at most one block).
-    assert engine.blocks_used <= used - b_blocks + 1
-    assert [s.sink for s in engine.running] == [a]
+    assert engine.scheduler.budget.used <= used - b_blocks + 1
+    assert [s.sink for s in engine.scheduler.running] == [a]
     run(engine)
     assert (a.tokens, a.reason) == reference(prompt(5, 30), 100)
-    assert engine.blocks_used == 0
+    assert engine.scheduler.budget.used == 0
 
 
 def test_cancelled_while_waiting_never_runs() -> None:
@@ -226,7 +230,7 @@ def test_prefix_cache_is_lru_within_its_entry_limit() -> None:
     for i in range(4):
         submit(engine, prompt(20 + i, 40), 3)
         run(engine)
-    assert len(engine.cache) == 2
+    assert len(engine.scheduler.prefix_cache) == 2
 
 
 def test_kv_budget_holds_with_64_requests_and_preempted_ones_finish_correctly() -> None:
@@ -239,8 +243,8 @@ def test_kv_budget_holds_with_64_requests_and_preempted_ones_finish_correctly() 
     while engine.has_work():
         engine.step()
         assert_invariants(engine)
-        peak = max(peak, engine.blocks_used)
-    assert peak <= engine.total_blocks
+        peak = max(peak, engine.scheduler.budget.used)
+    assert peak <= engine.scheduler.budget.total
     for p, sink in zip(prompts, sinks, strict=True):
         assert (sink.tokens, sink.reason) == reference(p, 60)
     assert engine.stats.preemptions > 0
@@ -262,7 +266,7 @@ def test_priority_orders_admission() -> None:
 
 def test_request_larger_than_the_kv_budget_is_rejected() -> None:
     engine, _ = make_engine(kv_budget_tokens=64)
-    with pytest.raises(InvalidRequest, match="KV cache budget"):
+    with pytest.raises(RequestRejected, match="KV cache budget"):
         submit(engine, prompt(40, 50), 20)
 
 
@@ -277,7 +281,7 @@ def test_model_failure_ends_every_sequence_with_an_error_and_the_engine_recovers
     runner.forward = explode  # type: ignore[method-assign]
     engine.step()
     assert all(s.error == "generation failed: onnxruntime exploded" for s in sinks)
-    assert engine.blocks_used == 0 and not engine.has_work()
+    assert engine.scheduler.budget.used == 0 and not engine.has_work()
     runner.forward = real  # type: ignore[method-assign]
     again = submit(engine, prompt(60, 8), 5)
     run(engine)
