@@ -12,8 +12,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from llmesh.model_artifact import ChatTokenizer
 from tests.unit.test_graph import CFG, _logits, _random_gguf_layout, write_hf_checkpoint
-from triton_models.config import BuildSettings, add_build_arguments, hf_variant_names, settings_from
-from triton_models.engine import Engine, GenerationRequest, SamplingParams
+from triton_models.catalogue import hf_variant_names
+from triton_models.config import BuildSettings, add_build_arguments, settings_from
+from triton_models.engine import Engine, EngineSampling, GenerationRequest
 from triton_models.repository import build_key, ensure_model_repository
 
 TEMPLATE = (
@@ -52,9 +53,9 @@ def test_hugging_face_checkpoint_builds_and_serves(tmp_path: Path) -> None:
 
     parser = argparse.ArgumentParser()
     add_build_arguments(parser)
-    args = parser.parse_args(["--hf", str(directory), "--variants", fp32, int8, "--max-context", "64"])
-    settings = settings_from(args)
-    settings = BuildSettings(**{**settings.__dict__, "cache_dir": tmp_path / "cache"})
+    argv = ["--hf", str(directory), "--variants", fp32, int8, "--max-context", "64", "--cache-dir", str(tmp_path)]
+    settings = settings_from(parser.parse_args(argv))
+    assert settings.variants == (fp32, int8) and settings.max_context == 64 and settings.cache_dir == tmp_path
     with pytest.raises(ValueError, match="unknown variant"):
         BuildSettings(variants=(fp32,))  # without --hf the name means nothing
 
@@ -69,7 +70,7 @@ def test_hugging_face_checkpoint_builds_and_serves(tmp_path: Path) -> None:
     try:
         logits = engine.score([1, 3, 10, 11, 12, 4], all_positions=True)
         assert np.abs(logits - expected).max() < 1e-4
-        [result] = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=5))])
+        [result] = engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=5))])
         assert result.finish_reason in ("stop", "length") and result.error is None
     finally:
         engine.close()

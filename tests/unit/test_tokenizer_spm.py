@@ -223,8 +223,8 @@ class Gemma:
 def gemma() -> Iterator[Gemma]:
     from gguf import GGUFReader
 
-    from triton_models.config import gemma_gguf_path
     from triton_models.gguf_loader import read_tokenizer
+    from triton_models.sources import gemma_gguf_path
 
     try:
         path = gemma_gguf_path()
