@@ -9,7 +9,7 @@ import os
 import sys
 
 from control.launcher import MeshSettings, run_down, run_up
-from llmesh.settings import add_arguments, from_namespace
+from llmesh.settings import add_arguments, flat_class, from_namespace, unflatten
 from llmesh.types import Tier
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmesh", description="LLM serving mesh")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # Mesh-level knobs (--http-port, --redis-url, --replicas, ...), then each service's own settings as
+    # --<service>-<field> (env LLMESH_<SERVICE>_<FIELD>, as the service itself reads it).
+    mesh_flags = flat_class(MeshSettings)
     up = sub.add_parser("up", help="start the whole mesh in the foreground (Ctrl-C stops it)")
-    add_arguments(up, MeshSettings, "LLMESH_")
+    add_arguments(up, mesh_flags, "LLMESH_")
     down = sub.add_parser("down", help="stop a mesh started by `llmesh up`")
-    add_arguments(down, MeshSettings, "LLMESH_")
+    add_arguments(down, mesh_flags, "LLMESH_")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -79,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "up":
-        return run_up(from_namespace(MeshSettings, args))
+        return run_up(unflatten(MeshSettings, from_namespace(mesh_flags, args)))
     if args.command == "down":
-        return run_down(from_namespace(MeshSettings, args))
+        return run_down(unflatten(MeshSettings, from_namespace(mesh_flags, args)))
     if args.command == "keys":
         print(asyncio.run(_create_key(args.redis_url, Tier(args.tier), args.note)))
         return 0

@@ -19,56 +19,110 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cache_service.config import CacheSettings
 from control.envoy_config import EdgeConfig, envoy_command, render
 from control.process import ManagedProcess, ProcessFailed, free_port, grpc_health_probe, http_ok_probe
+from gateway.config import GatewaySettings
+from limiter_service.config import LimiterSettings
 from llmesh import paths
+from llmesh.settings import flat_class, section, to_argv, with_flags
+from router.config import RouterSettings
 
 log = logging.getLogger(__name__)
 
 
+LOOPBACK = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class MeshSettings:
-    host: str = "127.0.0.1"
+    """What `llmesh up` starts: mesh-level knobs, and each service's own settings object.
+
+    Flags and env vars (`llmesh up --help`): a knob is `--http-port` / `LLMESH_HTTP_PORT`; a service's field is
+    `--gateway-max-messages` / `LLMESH_GATEWAY_MAX_MESSAGES`, the same env var the service itself reads. The
+    services' `wired` fields have no flag: __post_init__ sets them from the knobs and from the other services'
+    ports, so `settings.gateway` is exactly what the gateway is started with (`to_argv(settings.gateway)`).
+    """
+
+    # Envoy, the edge clients connect to (HTTP/1.1 and gRPC on one port).
+    host: str = LOOPBACK
     http_port: int = 8080
     envoy_admin_port: int = 9901
-    gateway_port: int = 50051
-    router_port: int = 50052
+    # Shared by the gateway (API keys), the limiter and the cache. Reused when something answers there;
+    # otherwise `redis-server` is started on that port.
+    redis_url: str = LimiterSettings.redis_url
+    # The cache's Redis; empty = redis_url. A separate one keeps cache memory and outages away from the key store.
+    cache_redis_url: str = ""
+    # Response cache (cache_service) on or off.
+    cache_enabled: bool = True
+    # tritonserver processes serving the same repository; replica i listens on the triton ports + 10 * i.
+    replicas: int = 1
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
-    # tritonserver processes serving the same repository; replica i listens on the triton ports + 10 * i.
-    replicas: int = 1
-    router_metrics_port: int = 9102
-    gateway_metrics_port: int = 9101
-    # Reused when something answers there; otherwise `redis-server` is started on that port.
-    redis_url: str = "redis://127.0.0.1:6379/0"
     # An already running Triton (host:port of its gRPC endpoint) instead of starting one.
     external_triton_url: str = ""
     # Model repository to serve; empty = build (or reuse the cached build of) the default variants.
     model_repository: Path | None = None
+    # Logs (<state dir>/logs), the rendered Envoy config, services.json, the pid file.
     state_dir: Path | None = None
     startup_timeout_s: float = 900.0
-    default_max_tokens: int = 256
-    max_tokens_limit: int = 1024
-    # Response cache (cache_service); its other settings come from LLMESH_CACHE_* env vars.
-    cache_enabled: bool = True
-    cache_port: int = 50054
-    cache_metrics_port: int = 9104
-    # The cache's Redis; empty = redis_url. A separate one keeps cache memory and outages away from the key store.
-    cache_redis_url: str = ""
-    # Quotas (limiter_service; also Envoy's rate limit service). Policy file empty = the shipped
-    # limiter_service/policy.toml; the limiter re-reads it when it changes.
-    limiter_port: int = 50053
-    limiter_metrics_port: int = 9103
-    limiter_policy_file: Path | None = None
-    log_level: str = "info"
+    # Every service's log level.
+    log_level: str = GatewaySettings.log_level
 
+    # Each service's own settings; metrics are on for all of them (the gateway's and router's are off by default).
+    gateway: GatewaySettings = field(
+        default_factory=lambda: GatewaySettings(metrics_port=9101),
+        metadata=section(
+            wired=("host", "router_url", "redis_url", "cache_url", "limiter_url", "log_level"),
+            unprefixed=("default_max_tokens", "max_tokens_limit"),
+        ),
+    )
+    router: RouterSettings = field(
+        default_factory=lambda: RouterSettings(metrics_port=9102),
+        metadata=section(wired=("host", "triton_url", "model_repository", "log_level")),
+    )
+    cache: CacheSettings = field(
+        default_factory=CacheSettings, metadata=section(wired=("host", "redis_url", "log_level"))
+    )
+    limiter: LimiterSettings = field(
+        default_factory=LimiterSettings, metadata=section(wired=("host", "redis_url", "log_level"))
+    )
+
+    def __post_init__(self) -> None:
+        for name, values in self.wiring().items():
+            object.__setattr__(self, name, dataclasses.replace(getattr(self, name), **values))
+
+    def wiring(self) -> dict[str, dict[str, object]]:
+        """The one place the services are connected: service -> its `wired` fields' values."""
+        common = {"host": LOOPBACK, "log_level": self.log_level}
+        return {
+            "gateway": {
+                **common,
+                "router_url": f"{LOOPBACK}:{self.router.port}",
+                "redis_url": self.redis_url,
+                "cache_url": f"{LOOPBACK}:{self.cache.port}" if self.cache_enabled else "",
+                "limiter_url": f"{LOOPBACK}:{self.limiter.port}",
+            },
+            "router": {**common, "triton_url": self.triton_url, "model_repository": self.model_repository},
+            "cache": {**common, "redis_url": self.cache_redis_url or self.redis_url},
+            "limiter": {**common, "redis_url": self.redis_url},
+        }
+
+    @property
+    def triton_url(self) -> str:
+        """The router's replicas, comma-separated."""
+        if self.external_triton_url:
+            return self.external_triton_url
+        return ",".join(f"{LOOPBACK}:{self.triton_grpc_port + 10 * i}" for i in range(self.replicas))
 
     @classmethod
-    def on_free_ports(cls, **overrides: object) -> MeshSettings:
-        """Every listening port on a free loopback port (tests, benchmarks), then `overrides`."""
-        ports: dict[str, object] = {f.name: free_port() for f in dataclasses.fields(cls) if f.name.endswith("_port")}
-        return cls(**{**ports, **overrides})  # type: ignore[arg-type]
+    def on_free_ports(cls, **flags: object) -> MeshSettings:
+        """Every listening port on a free loopback port (tests, benchmarks), then `flags`, named as `llmesh up`'s
+        flags (`limiter_policy_file=...` for `--limiter-policy-file`)."""
+        ports = {f.name: free_port() for f in dataclasses.fields(flat_class(cls)) if f.name.endswith("_port")}
+        return with_flags(cls(), **{**ports, **flags})
+
 
 def redis_answers(url: str) -> bool:
     import redis
@@ -102,10 +156,7 @@ class Mesh:
     @property
     def triton_url(self) -> str:
         """The router's replicas, comma-separated."""
-        s = self.settings
-        if s.external_triton_url:
-            return s.external_triton_url
-        return ",".join(f"127.0.0.1:{s.triton_grpc_port + 10 * i}" for i in range(s.replicas))
+        return self.settings.triton_url
 
     def _start(self, name: str, argv: list[str], probe: Callable[[], bool], env: dict[str, str] | None = None) -> None:
         proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=env)
@@ -172,86 +223,28 @@ class Mesh:
                 ready_url = f"http://127.0.0.1:{s.triton_http_port + 10 * i}/v2/health/ready"
                 self._start("tritonserver" + (f"-{i}" if i else ""), argv, http_ok_probe(ready_url), env)
 
-        py = sys.executable
+        # The router reads the repository built above.
+        s = dataclasses.replace(s, model_repository=self.model_repository)
+
+        def service(module: str, settings: object) -> list[str]:
+            # Every field written out: what the launcher resolved (flags, LLMESH_* env, defaults) is what runs.
+            return [sys.executable, "-m", module, *to_argv(settings)]
+
         if s.cache_enabled:
-            cache_argv = [
-                py, "-m", "cache_service",
-                "--host", "127.0.0.1",
-                "--port", str(s.cache_port),
-                "--metrics-port", str(s.cache_metrics_port),
-                "--redis-url", s.cache_redis_url or s.redis_url,
-                "--log-level", s.log_level,
-            ]  # fmt: skip
-            self._start("cache", cache_argv, grpc_health_probe(f"127.0.0.1:{s.cache_port}"), service_env)
-        limiter_argv = [
-            py, "-m", "limiter_service",
-            "--host", "127.0.0.1",
-            "--port", str(s.limiter_port),
-            "--metrics-port", str(s.limiter_metrics_port),
-            "--redis-url", s.redis_url,
-            *(["--policy-file", str(s.limiter_policy_file)] if s.limiter_policy_file else []),
-            "--log-level", s.log_level,
-        ]  # fmt: skip
-        limiter_probe = grpc_health_probe(f"127.0.0.1:{s.limiter_port}", "llmesh.v1.LimiterService")
-        self._start("limiter", limiter_argv, limiter_probe, service_env)
-        self._start(
-            "router",
-            [
-                py,
-                "-m",
-                "router",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(s.router_port),
-                "--triton-url",
-                self.triton_url,
-                "--model-repository",
-                str(self.model_repository),
-                "--metrics-port",
-                str(s.router_metrics_port),
-                "--log-level",
-                s.log_level,
-            ],
-            grpc_health_probe(f"127.0.0.1:{s.router_port}"),
-            service_env,
-        )
-        self._start(
-            "gateway",
-            [
-                py,
-                "-m",
-                "gateway",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(s.gateway_port),
-                "--router-url",
-                f"127.0.0.1:{s.router_port}",
-                "--redis-url",
-                s.redis_url,
-                "--cache-url",
-                f"127.0.0.1:{s.cache_port}" if s.cache_enabled else "",
-                "--limiter-url",
-                f"127.0.0.1:{s.limiter_port}",
-                "--default-max-tokens",
-                str(s.default_max_tokens),
-                "--max-tokens-limit",
-                str(s.max_tokens_limit),
-                "--metrics-port",
-                str(s.gateway_metrics_port),
-                "--log-level",
-                s.log_level,
-            ],
-            grpc_health_probe(f"127.0.0.1:{s.gateway_port}"),
-            service_env,
-        )
+            cache_probe = grpc_health_probe(f"{LOOPBACK}:{s.cache.port}")
+            self._start("cache", service("cache_service", s.cache), cache_probe, service_env)
+        limiter_probe = grpc_health_probe(f"{LOOPBACK}:{s.limiter.port}", "llmesh.v1.LimiterService")
+        self._start("limiter", service("limiter_service", s.limiter), limiter_probe, service_env)
+        router_probe = grpc_health_probe(f"{LOOPBACK}:{s.router.port}")
+        self._start("router", service("router", s.router), router_probe, service_env)
+        gateway_probe = grpc_health_probe(f"{LOOPBACK}:{s.gateway.port}")
+        self._start("gateway", service("gateway", s.gateway), gateway_probe, service_env)
         edge = EdgeConfig(
             listen_host=s.host,
             listen_port=s.http_port,
             admin_port=s.envoy_admin_port,
-            gateways=(("127.0.0.1", s.gateway_port),),
-            limiter=("127.0.0.1", s.limiter_port),
+            gateways=((LOOPBACK, s.gateway.port),),
+            limiter=(LOOPBACK, s.limiter.port),
         )
         config_path = self.state_dir / "envoy.yaml"
         config_path.write_text(render(edge))

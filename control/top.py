@@ -365,10 +365,10 @@ def default_endpoints() -> dict[str, str]:
     """Metrics URLs matching `llmesh up`'s defaults."""
     s = MeshSettings()
     urls = {
-        "gateway": f"http://127.0.0.1:{s.gateway_metrics_port}/metrics",
-        "router": f"http://127.0.0.1:{s.router_metrics_port}/metrics",
-        "limiter": f"http://127.0.0.1:{s.limiter_metrics_port}/metrics",
-        "cache": f"http://127.0.0.1:{s.cache_metrics_port}/metrics",
+        "gateway": f"http://127.0.0.1:{s.gateway.metrics_port}/metrics",
+        "router": f"http://127.0.0.1:{s.router.metrics_port}/metrics",
+        "limiter": f"http://127.0.0.1:{s.limiter.metrics_port}/metrics",
+        "cache": f"http://127.0.0.1:{s.cache.metrics_port}/metrics",
     }
     for i in range(s.replicas):
         urls[f"triton {i}"] = f"http://127.0.0.1:{s.triton_metrics_port + 10 * i}/metrics"

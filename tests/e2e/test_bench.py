@@ -28,7 +28,7 @@ def metric_sum(port: int, name: str, **labels: str) -> float:
 
 def server_counts(mesh: RunningMesh) -> dict[str, float]:
     """What the mesh itself counted: cache hits, requests (all, OK), cost."""
-    gateway, cache = mesh.settings.gateway_metrics_port, mesh.settings.cache_metrics_port
+    gateway, cache = mesh.settings.gateway.metrics_port, mesh.settings.cache.metrics_port
     return {
         "cache_hits": metric_sum(cache, "llmesh_cache_hits_total"),
         "requests": metric_sum(gateway, "llmesh_gateway_requests_total"),

@@ -41,11 +41,11 @@ def chat(mesh: RunningMesh, key: str | None, content: str = "Say hi.", **extra: 
 
 
 def test_metrics_move_with_labels_on_every_service(mesh: RunningMesh, paid_key: str, triton_server) -> None:  # type: ignore[no-untyped-def]
-    gateway_url = f"http://127.0.0.1:{mesh.settings.gateway_metrics_port}/metrics"
-    router_url = f"http://127.0.0.1:{mesh.settings.router_metrics_port}/metrics"
+    gateway_url = f"http://127.0.0.1:{mesh.settings.gateway.metrics_port}/metrics"
+    router_url = f"http://127.0.0.1:{mesh.settings.router.metrics_port}/metrics"
     envoy_url = f"http://127.0.0.1:{mesh.settings.envoy_admin_port}/stats/prometheus"
-    cache_url = f"http://127.0.0.1:{mesh.settings.cache_metrics_port}/metrics"
-    limiter_url = f"http://127.0.0.1:{mesh.settings.limiter_metrics_port}/metrics"
+    cache_url = f"http://127.0.0.1:{mesh.settings.cache.metrics_port}/metrics"
+    limiter_url = f"http://127.0.0.1:{mesh.settings.limiter.metrics_port}/metrics"
     before = {
         "gateway": scrape(gateway_url),
         "router": scrape(router_url),

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 
+from control.launcher import MeshSettings
 from control.process import free_port
+from llmesh.settings import to_argv
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -39,6 +41,8 @@ def test_up_starts_redis_serves_and_reports_a_dead_part(triton_server, tmp_path:
         "--external-triton-url", triton_server.grpc_url,
         "--model-repository", str(triton_server.model_repository),
         "--state-dir", str(state),
+        # A service's own setting, passed through to it.
+        "--gateway-max-messages", "7",
     ]  # fmt: skip
     out = tmp_path / "launcher.out"
     with out.open("wb") as sink:
@@ -50,6 +54,7 @@ def test_up_starts_redis_serves_and_reports_a_dead_part(triton_server, tmp_path:
         assert models.status_code == 401  # served by the gateway through Envoy; no key given
 
         gateway_pid = _pid_of(state, "gateway")
+        assert "--max-messages=7" in Path(f"/proc/{gateway_pid}/cmdline").read_text().split("\0")
         os.kill(gateway_pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == 1
         text = out.read_text()
@@ -65,20 +70,17 @@ def test_up_starts_redis_serves_and_reports_a_dead_part(triton_server, tmp_path:
 
 
 def test_down_stops_a_running_mesh(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    http_port = free_port()
     state = tmp_path / "state"
     common = ["--state-dir", str(state)]
-    argv = [
-        sys.executable, "-m", "control.cli", "up", *common,
-        "--http-port", str(http_port), "--envoy-admin-port", str(free_port()),
-        "--gateway-port", str(free_port()), "--router-port", str(free_port()),
-        "--router-metrics-port", str(free_port()), "--gateway-metrics-port", str(free_port()),
-        "--cache-port", str(free_port()), "--cache-metrics-port", str(free_port()),
-        "--limiter-port", str(free_port()), "--limiter-metrics-port", str(free_port()),
-        "--redis-url", f"redis://127.0.0.1:{free_port()}/0",
-        "--external-triton-url", triton_server.grpc_url,
-        "--model-repository", str(triton_server.model_repository),
-    ]  # fmt: skip
+    # `llmesh up`'s flags written from its settings (to_argv is what `llmesh up` parses back).
+    settings = MeshSettings.on_free_ports(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        external_triton_url=triton_server.grpc_url,
+        model_repository=triton_server.model_repository,
+        state_dir=state,
+    )
+    http_port = settings.http_port
+    argv = [sys.executable, "-m", "control.cli", "up", *to_argv(settings, only_changed=True)]
     out = tmp_path / "launcher.out"
     with out.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
