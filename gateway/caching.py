@@ -1,8 +1,8 @@
-"""The gateway's `ResponseCache` over gRPC to the cache service (cache_service/, protos/llmesh/v1/cache.proto).
+"""The gateway's `CacheClient` over gRPC to the cache service (cache_service/, protos/llmesh/v1/cache.proto).
 
 The cache is an optimization, never a dependency: if the service is down, slow or answers an error, lookups are
-misses and stores are dropped, after a short deadline, and a circuit breaker keeps later requests from paying even
-that until a cooldown has passed. Requests are always served.
+misses and stores are dropped, after a short deadline, and the mesh's circuit breaker (llmesh/breaker.py) keeps
+later requests from paying even that until a cooldown has passed. Requests are always served.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from collections.abc import Callable
 
 import grpc
 
-from gateway.pipeline import CachedAnswer
-from llmesh.convert import messages_to_pb, sampling_to_pb, usage_from_pb, usage_to_pb
+from gateway.pipeline import NO_STORE, CachedAnswer, CacheLookup
+from llmesh.breaker import BreakerState, CircuitBreaker
+from llmesh.convert import messages_to_pb, sampling_to_pb, tier_to_pb, usage_from_pb, usage_to_pb
 from llmesh.types import ChatRequest, Principal, RouteInfo
 from llmesh.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-class GrpcResponseCache:
+class GrpcCacheClient:
     def __init__(
         self,
         target: str,
@@ -36,37 +37,36 @@ class GrpcResponseCache:
         # A lookup may wait for an identical in-flight request (single flight) up to this long.
         self._max_wait_s = max_wait_s
         self._cooldown_s = cooldown_s
-        self._clock = clock
-        self._open_until = 0.0
-        # Per in-flight miss: the single-flight token to hand back on store. Keyed by the request object, which
-        # the pipeline passes to both lookup and store.
-        self._pending: dict[int, str] = {}
+        # One failed call opens it: a cache that does not answer costs a request a deadline at most once per
+        # cooldown (the half-open probe), never a failure.
+        self.breaker = CircuitBreaker(cooldown_s, failure_threshold=1, clock=clock, on_change=self._changed)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    def _available(self) -> bool:
-        return self._clock() >= self._open_until
+    def _changed(self, state: BreakerState, reason: str) -> None:
+        if state is BreakerState.OPEN:
+            log.warning("cache call failed (%s); bypassing the cache for %.1fs", reason, self._cooldown_s)
+        elif state is BreakerState.CLOSED:
+            log.info("cache answers again; using it")
 
     def _failed(self, op: str, err: grpc.RpcError) -> None:
-        if self._available():
-            code = err.code().name if hasattr(err, "code") else "?"
-            log.warning("cache %s failed (%s); bypassing the cache for %.1fs", op, code, self._cooldown_s)
-        self._open_until = self._clock() + self._cooldown_s
+        code = err.code().name if hasattr(err, "code") else "?"
+        self.breaker.record_failure(f"{op}: {code}")
 
     @staticmethod
     def _key(principal: Principal, route: RouteInfo, request: ChatRequest) -> cache_pb2.CacheKey:
         return cache_pb2.CacheKey(
             key_id=principal.key_id,
-            tier=principal.tier.value,
+            tier=tier_to_pb(principal.tier),
             variant=route.variant,
             messages=messages_to_pb(request.messages),
             sampling=sampling_to_pb(request.sampling),
         )
 
-    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CachedAnswer | None:
-        if not self._available():
-            return None
+    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CacheLookup:
+        if not self.breaker.allow():
+            return NO_STORE
         message = cache_pb2.CacheLookupRequest(
             key=self._key(principal, route, request), max_wait_ms=int(self._max_wait_s * 1000)
         )
@@ -74,20 +74,25 @@ class GrpcResponseCache:
             reply = await self._stub.Lookup(message, timeout=self._max_wait_s + self._timeout_s)
         except grpc.RpcError as err:
             self._failed("lookup", err)
-            return None
+            return NO_STORE
+        self.breaker.record_success()
         if reply.hit:
-            return CachedAnswer(tuple(reply.chunks), reply.finish_reason, usage_from_pb(reply.usage), reply.layer)
-        if reply.store:
-            self._pending[id(request)] = reply.flight_token
-        return None
+            answer = CachedAnswer(tuple(reply.chunks), reply.finish_reason, usage_from_pb(reply.usage), reply.layer)
+            return CacheLookup(answer=answer)
+        return CacheLookup(store=reply.store, flight_token=reply.flight_token)
 
     async def store(
-        self, principal: Principal, route: RouteInfo, request: ChatRequest, answer: CachedAnswer | None
+        self,
+        principal: Principal,
+        route: RouteInfo,
+        request: ChatRequest,
+        lookup: CacheLookup,
+        answer: CachedAnswer | None,
     ) -> None:
-        token = self._pending.pop(id(request), None)
-        if token is None or not self._available():
-            return  # the lookup said not to store (not cacheable, bypassed) or the cache is unreachable
-        message = cache_pb2.CacheStoreRequest(key=self._key(principal, route, request), flight_token=token)
+        if not lookup.store or not self.breaker.allow():
+            return  # the lookup said not to store (hit, not cacheable, bypassed) or the cache is unreachable
+        key = self._key(principal, route, request)
+        message = cache_pb2.CacheStoreRequest(key=key, flight_token=lookup.flight_token)
         if answer is None:
             message.failed = True
         else:
@@ -98,3 +103,5 @@ class GrpcResponseCache:
             await self._stub.Store(message, timeout=self._timeout_s * 4)
         except grpc.RpcError as err:
             self._failed("store", err)
+            return
+        self.breaker.record_success()

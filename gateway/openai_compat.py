@@ -111,7 +111,9 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 
 def _route(route: RouteInfo) -> dict[str, str]:
-    return {"variant": route.variant, "reason": route.reason}
+    # `kind` names the deciding factor (tier_default, pinned, complexity_up, load_shed, fallback, cache_hit, ...);
+    # `reason` tells the whole story for people.
+    return {"variant": route.variant, "reason": route.reason, "kind": route.kind.value}
 
 
 def completion_json(

@@ -1,7 +1,7 @@
 """The gateway's request path. No gRPC here.
 
-authenticate -> validate -> router.prepare (variant + prompt tokens) -> cache lookup -> quota reservation
--> router.generate -> quota settlement -> cache store.
+authenticate -> validate -> router.prepare (route + the prompt's token ids) -> cache lookup -> quota reservation
+-> router.generate (of the prepared prompt: routed and tokenized once) -> quota settlement -> cache store.
 """
 
 from __future__ import annotations
@@ -16,17 +16,30 @@ from gateway.metrics import GatewayObserver, NullGatewayObserver, code_of
 from gateway.validation import ChatRequestFields, RequestLimits, validate
 from llmesh.errors import Internal, MeshError
 from llmesh.logs import REQUEST_ID
-from llmesh.types import ChatRequest, GenerateEvent, Principal, RouteInfo, Tier, Usage, VariantInfo
+from llmesh.types import (
+    ChatRequest,
+    GenerateEvent,
+    PreparedPrompt,
+    Principal,
+    RouteInfo,
+    RouteKind,
+    Tier,
+    Usage,
+    VariantInfo,
+)
 
 
 class RouterClient(Protocol):
-    async def prepare(self, tier: Tier, request: ChatRequest) -> tuple[RouteInfo, int]:
-        """The route the router would take and the prompt's token count; raises what Generate would."""
+    async def prepare(self, tier: Tier, request: ChatRequest) -> PreparedPrompt:
+        """Route, render and tokenize the request (the prompt's size is len(input_ids)); raises what Generate
+        would."""
         ...
 
     def generate(
-        self, request_id: str, tier: Tier, request: ChatRequest, route: RouteInfo | None = None
-    ) -> AsyncIterator[GenerateEvent]: ...
+        self, request_id: str, tier: Tier, request: ChatRequest, prepared: PreparedPrompt | None = None
+    ) -> AsyncIterator[GenerateEvent]:
+        """Stream the answer of `prepared` as it is (the router checks it); None: the router prepares anew."""
+        ...
 
     async def list_variants(self) -> list[VariantInfo]: ...
 
@@ -59,13 +72,35 @@ class CachedAnswer:
     layer: str = "exact"
 
 
-class ResponseCache(Protocol):
-    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CachedAnswer | None: ...
+@dataclass(frozen=True)
+class CacheLookup:
+    """What a cache lookup found: a hit's answer, or a miss. A miss with `store` is one the cache wants filled;
+    `flight_token` is set when this request holds the single-flight lock (identical requests wait for its store).
+    A miss without `store` (not cacheable, or the cache was bypassed) is never stored."""
+
+    answer: CachedAnswer | None = None
+    store: bool = False
+    flight_token: str = ""
+
+
+NO_STORE = CacheLookup()
+
+
+class CacheClient(Protocol):
+    """The gateway's side of the response cache (named apart from cache_service's own ResponseCache)."""
+
+    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CacheLookup: ...
 
     async def store(
-        self, principal: Principal, route: RouteInfo, request: ChatRequest, answer: CachedAnswer | None
+        self,
+        principal: Principal,
+        route: RouteInfo,
+        request: ChatRequest,
+        lookup: CacheLookup,
+        answer: CachedAnswer | None,
     ) -> None:
-        """Keep a finished answer; `None` means generation failed or was cut short (release any waiters)."""
+        """Fill the miss `lookup` found, passing back its flight token; `answer` None means generation failed or
+        was cut short (identical requests waiting on this one are released). Called only when `lookup.store`."""
         ...
 
 
@@ -86,7 +121,7 @@ class ChatPipeline:
         router: RouterClient,
         limits: RequestLimits,
         quotas: QuotaGate | None = None,
-        cache: ResponseCache | None = None,
+        cache: CacheClient | None = None,
         observer: GatewayObserver | None = None,
     ) -> None:
         self._keys = keys
@@ -138,11 +173,14 @@ class ChatPipeline:
         Routing happens first (Prepare) so that the cache and the limiter, which slot in here, know the variant and
         the prompt's size before anything is generated.
         """
-        route, prompt_tokens = await self._router.prepare(principal.tier, request)
+        prepared = await self._router.prepare(principal.tier, request)
+        route, prompt_tokens = prepared.route, len(prepared.input_ids)
+        lookup = NO_STORE
         if self._cache is not None:
-            hit = await self._cache.lookup(principal, route, request)
+            lookup = await self._cache.lookup(principal, route, request)
+            hit = lookup.answer
             if hit is not None:
-                route_hit = RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit")
+                route_hit = RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit", RouteKind.CACHE_HIT)
                 yield GenerateEvent(route=route_hit, cache=hit.layer)
                 for chunk in hit.chunks:
                     yield GenerateEvent(delta=chunk, cache=hit.layer)
@@ -156,15 +194,14 @@ class ChatPipeline:
                 )
             except BaseException:
                 # Refused (or the caller left): release identical requests waiting on this one in the cache.
-                if self._cache is not None:
-                    await asyncio.shield(self._cache.store(principal, route, request, None))
+                await self._store(principal, route, request, lookup, None)
                 raise
             if response_headers is not None:
                 response_headers.extend(reservation.headers)
         chunks: list[str] = []
         answer: CachedAnswer | None = None
         used_tokens = 0
-        events = self._router.generate(request_id, principal.tier, request, route)
+        events = self._router.generate(request_id, principal.tier, request, prepared)
         try:
             async for event in events:
                 if event.delta:
@@ -180,8 +217,19 @@ class ChatPipeline:
             # Settlement and cache release must happen even when the caller went away (task cancelled).
             if reservation is not None:
                 await asyncio.shield(self._quotas.settle(reservation, used_tokens))  # type: ignore[union-attr]
-            if self._cache is not None:
-                await asyncio.shield(self._cache.store(principal, route, request, answer))
+            await self._store(principal, route, request, lookup, answer)
+
+    async def _store(
+        self,
+        principal: Principal,
+        route: RouteInfo,
+        request: ChatRequest,
+        lookup: CacheLookup,
+        answer: CachedAnswer | None,
+    ) -> None:
+        """Fill (or release) the miss, also when the caller went away (shielded from its cancellation)."""
+        if self._cache is not None and lookup.store:
+            await asyncio.shield(self._cache.store(principal, route, request, lookup, answer))
 
     async def complete(
         self,
@@ -203,4 +251,4 @@ class ChatPipeline:
 
     async def list_models(self, principal: Principal) -> list[VariantInfo]:
         variants = await self._router.list_variants()
-        return [v for v in variants if not v.tiers or principal.tier.value in v.tiers]
+        return [v for v in variants if not v.tiers or principal.tier in v.tiers]

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import grpc
 
 from gateway.pipeline import Reservation
+from llmesh.convert import tier_to_pb
 from llmesh.errors import ResourceExhausted
 from llmesh.grpc_util import error_from_rpc
 from llmesh.types import Principal
@@ -94,7 +95,7 @@ class GrpcQuotaGate:
         message = limiter_pb2.ReserveRequest(
             request_id=request_id,
             key_id=principal.key_id,
-            tier=principal.tier.value,
+            tier=tier_to_pb(principal.tier),
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
             nonce=uuid.uuid4().hex,

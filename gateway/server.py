@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import openai_compat
 from gateway.auth import RedisApiKeyStore
-from gateway.caching import GrpcResponseCache
+from gateway.caching import GrpcCacheClient
 from gateway.config import GatewaySettings
 from gateway.metrics import PrometheusGatewayObserver, parse_prices
 from gateway.pipeline import ChatPipeline
@@ -24,6 +24,7 @@ from gateway.quotas import GrpcQuotaGate
 from gateway.router_client import GrpcRouterClient
 from gateway.validation import ChatRequestFields, RequestLimits
 from llmesh import grpc_util
+from llmesh.convert import route_to_pb
 from llmesh.errors import InvalidRequest, MeshError
 from llmesh.metrics import serve_metrics
 from llmesh.types import GenerateEvent, Principal
@@ -128,7 +129,7 @@ class ChatServicer:
             usage=common_pb2.Usage(
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
             ),
-            route=common_pb2.RouteInfo(variant=done.route.variant, reason=done.route.reason),
+            route=route_to_pb(done.route),
             cache=done.cache,
         )
 
@@ -149,7 +150,7 @@ class ChatServicer:
             )
             if event.route is not None:
                 model = event.route.variant
-                chunk.route.CopyFrom(common_pb2.RouteInfo(variant=event.route.variant, reason=event.route.reason))
+                chunk.route.CopyFrom(route_to_pb(event.route))
             chunk.model = model
             usage = _usage_pb(event)
             if usage is not None:
@@ -281,7 +282,7 @@ async def serve(settings: GatewaySettings) -> None:
     router = GrpcRouterClient(settings.router_url)
     registry = CollectorRegistry()
     # The response cache is optional: empty cache_url = no cache; an unreachable one is bypassed per request.
-    cache = GrpcResponseCache(settings.cache_url, settings.cache_timeout_s) if settings.cache_url else None
+    cache = GrpcCacheClient(settings.cache_url, settings.cache_timeout_s) if settings.cache_url else None
     quotas = GrpcQuotaGate(settings.limiter_url, settings.limiter_timeout_s) if settings.limiter_url else None
     pipeline = ChatPipeline(
         keys=RedisApiKeyStore(redis),

@@ -37,10 +37,33 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class RouteKind(StrEnum):
+    """The factor that last decided a route's variant (common.proto's RouteKind), for metrics and decisions."""
+
+    TIER_DEFAULT = "tier_default"
+    PINNED = "pinned"
+    COMPLEXITY_UP = "complexity_up"
+    COMPLEXITY_DOWN = "complexity_down"
+    LOAD_SHED = "load_shed"
+    FALLBACK = "fallback"
+    CACHE_HIT = "cache_hit"
+
+
 @dataclass(frozen=True, slots=True)
 class RouteInfo:
     variant: str
+    # For people: every step that led here, with its numbers. Programs read `kind`, never this text.
     reason: str
+    kind: RouteKind
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A routed, chat-templated and tokenized prompt: what the router's Prepare returns and Generate takes."""
+
+    route: RouteInfo
+    # In the tokenizer of route.variant.
+    input_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,4 +101,4 @@ class VariantInfo:
     name: str
     description: str
     context_length: int
-    tiers: tuple[str, ...] = field(default_factory=tuple)
+    tiers: tuple[Tier, ...] = field(default_factory=tuple)

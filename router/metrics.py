@@ -7,7 +7,7 @@ import functools
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmesh.metrics import LATENCY_BUCKETS
-from llmesh.types import RouteInfo, Tier
+from llmesh.types import RouteInfo, RouteKind, Tier
 from router.load import LoadTracker
 from router.replicas import ReplicaPool, ReplicaState
 
@@ -20,12 +20,16 @@ def _outstanding(state: ReplicaState) -> float:
     return float(state.outstanding)
 
 
-def _reason_kind(reason: str) -> str:
-    """A low-cardinality label from the free-text reason."""
-    for kind in ("fallback", "load", "complexity", "pinned"):
-        if kind in reason:
-            return kind
-    return "default"
+# The `reason` label: low cardinality, stable for dashboards and alerts (docs/OPERATIONS.md).
+REASON_LABELS = {
+    RouteKind.TIER_DEFAULT: "default",
+    RouteKind.PINNED: "pinned",
+    RouteKind.COMPLEXITY_UP: "complexity",
+    RouteKind.COMPLEXITY_DOWN: "complexity",
+    RouteKind.LOAD_SHED: "load",
+    RouteKind.FALLBACK: "fallback",
+    RouteKind.CACHE_HIT: "cache",
+}
 
 
 class PrometheusObserver:
@@ -60,7 +64,7 @@ class PrometheusObserver:
             p95.labels(variant).set_function(functools.partial(load.ttft_p95, variant))
 
     def routed(self, tier: Tier, route: RouteInfo) -> None:
-        self.decisions.labels(tier.value, route.variant, _reason_kind(route.reason)).inc()
+        self.decisions.labels(tier.value, route.variant, REASON_LABELS[route.kind]).inc()
 
     def failover(self, variant: str, replica: str, kind: str) -> None:
         self.failovers.labels(variant, kind).inc()

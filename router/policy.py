@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmesh.errors import InvalidRequest, PermissionDenied
-from llmesh.types import RouteInfo, Tier
+from llmesh.types import RouteInfo, RouteKind, Tier
 from router.complexity import ComplexityScore
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 DEFAULT_POLICY_FILE = Path(__file__).with_name("policy.toml")
+# The kinds `choose` gives an `auto` request (the route's last deciding factor).
+_AUTO_KINDS = frozenset(
+    {RouteKind.TIER_DEFAULT, RouteKind.COMPLEXITY_UP, RouteKind.COMPLEXITY_DOWN, RouteKind.LOAD_SHED}
+)
 
 
 class LoadView(Protocol):
@@ -65,8 +69,8 @@ class RoutingPolicy:
         allowed = self.tiers.get(tier, TierPolicy()).allowed
         return tuple(v for v in self.variants if not allowed or v in allowed)
 
-    def tiers_for(self, variant: str) -> tuple[str, ...]:
-        return tuple(tier.value for tier in Tier if variant in self.allowed_for(tier))
+    def tiers_for(self, variant: str) -> tuple[Tier, ...]:
+        return tuple(tier for tier in Tier if variant in self.allowed_for(tier))
 
     def auto_for(self, tier: Tier) -> tuple[str, ...]:
         """The variants `auto` may choose for the tier: allowed ones, less those served only when pinned."""
@@ -91,6 +95,26 @@ class RoutingPolicy:
         if requested not in self.allowed_for(tier):
             raise PermissionDenied(f"model {requested!r} is not available to the {tier.value} tier")
 
+    def validate_route(self, tier: Tier, requested: str, route: RouteInfo) -> None:
+        """A decision made earlier (by Prepare) is honoured only if `choose` could have made it now: a pin names
+        the requested variant, an `auto` route lands on a variant `auto` may choose for the tier."""
+        pinned = requested not in ("", AUTO)
+        if route.kind is RouteKind.PINNED or pinned:
+            if route.kind is not RouteKind.PINNED or route.variant != requested:
+                raise InvalidRequest(
+                    f"prepared route ({route.kind.value} to {route.variant!r}) does not match the requested model "
+                    f"{requested or AUTO!r}"
+                )
+            self.validate_pin(tier, requested)
+            return
+        if route.kind not in _AUTO_KINDS:
+            raise InvalidRequest(f"prepared route kind {route.kind.value} is not a routing decision")
+        if route.variant not in self.auto_for(tier):
+            raise InvalidRequest(
+                f"prepared route variant {route.variant!r} is not one `auto` may choose for the {tier.value} tier "
+                f"({', '.join(self.auto_for(tier))})"
+            )
+
     def choose(
         self,
         tier: Tier,
@@ -100,18 +124,19 @@ class RoutingPolicy:
     ) -> RouteInfo:
         if requested not in ("", AUTO):
             self.validate_pin(tier, requested)
-            return RouteInfo(variant=requested, reason="pinned by request")
+            return RouteInfo(variant=requested, reason="pinned by request", kind=RouteKind.PINNED)
         allowed = self.auto_for(tier)
         variant = self.default_for(tier)
+        kind = RouteKind.TIER_DEFAULT
         reasons = [f"tier {tier.value} default {variant}"]
         if complexity is not None:
             index = allowed.index(variant)
             cues = f" ({', '.join(complexity.cues)})" if complexity.cues else ""
             if complexity.value >= self.complexity_up and index + 1 < len(allowed):
-                variant = allowed[index + 1]
+                variant, kind = allowed[index + 1], RouteKind.COMPLEXITY_UP
                 reasons.append(f"complexity {complexity.value:.2f}{cues} -> up to {variant}")
             elif complexity.value <= self.complexity_down and index > 0:
-                variant = allowed[index - 1]
+                variant, kind = allowed[index - 1], RouteKind.COMPLEXITY_DOWN
                 reasons.append(f"complexity {complexity.value:.2f} -> down to {variant}")
         if load is not None:
             threshold = self.degrade_at * self.ttft_budget_s
@@ -120,8 +145,8 @@ class RoutingPolicy:
                 reasons.append(
                     f"load: {variant} first-token p95 {p95:.2f}s near the {self.ttft_budget_s:.1f}s budget -> {smaller}"
                 )
-                variant = smaller
-        return RouteInfo(variant=variant, reason="; ".join(reasons))
+                variant, kind = smaller, RouteKind.LOAD_SHED
+        return RouteInfo(variant=variant, reason="; ".join(reasons), kind=kind)
 
 
 def load_policy(path: Path, served: Sequence[str], default_variant: str = "") -> RoutingPolicy:

@@ -14,7 +14,17 @@ from typing import Protocol
 
 from llmesh.errors import Internal, InvalidRequest, Unavailable
 from llmesh.logs import REQUEST_ID
-from llmesh.types import ChatMessage, GenerateEvent, RouteInfo, SamplingParams, Tier, Usage, VariantInfo
+from llmesh.types import (
+    ChatMessage,
+    GenerateEvent,
+    PreparedPrompt,
+    RouteInfo,
+    RouteKind,
+    SamplingParams,
+    Tier,
+    Usage,
+    VariantInfo,
+)
 from router.complexity import ComplexityScorer, HeuristicScorer
 from router.load import LoadTracker
 from router.policy import AUTO, RoutingPolicy
@@ -24,16 +34,19 @@ from router.tokens import TokenChunk
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PreparedRequest", "Router", "RouterObserver", "TokenChunk", "Variant"]
+__all__ = ["Router", "RouterObserver", "TokenChunk", "Variant"]
 
 
 class ChatTokenizerLike(Protocol):
     @property
     def context_length(self) -> int: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's ids; control tokens come only from the template, never from message content."""
+        ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -64,17 +77,16 @@ class Variant:
     name: str
     description: str
     tokenizer: ChatTokenizerLike
+    # Variants with the same non-empty id render and tokenize a chat identically (same tokenizer file, chat
+    # template and special tokens), so ids made for one serve the other. Empty: only a shared tokenizer object does.
+    tokenizer_id: str = ""
 
     @property
     def context_length(self) -> int:
         return self.tokenizer.context_length
 
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    route: RouteInfo
-    input_ids: list[int]
-    context_length: int
+    def tokenizes_like(self, other: Variant) -> bool:
+        return self.tokenizer is other.tokenizer or bool(self.tokenizer_id and self.tokenizer_id == other.tokenizer_id)
 
 
 class _Retry(Exception):
@@ -109,38 +121,63 @@ class Router:
             for name in self._policy.variants
         ]  # fmt: skip
 
-    def _tokenize(self, variant: str, messages: Sequence[ChatMessage], max_tokens: int) -> list[int]:
-        spec = self._variants[variant]
-        prompt = spec.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
-        input_ids = spec.tokenizer.encode(prompt)
-        if len(input_ids) + max_tokens > spec.context_length:
+    def context_length(self, variant: str) -> int:
+        return self._variants[variant].context_length
+
+    def _encode(self, variant: str, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
+        """Render the chat template and tokenize: the one place a prompt becomes ids."""
+        tokenizer = self._variants[variant].tokenizer
+        return tuple(tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages]))
+
+    def _check_fits(self, variant: str, input_ids: Sequence[int], max_tokens: int) -> None:
+        context = self._variants[variant].context_length
+        if len(input_ids) + max_tokens > context:
             raise InvalidRequest(
                 f"prompt is {len(input_ids)} tokens and max_tokens is {max_tokens}: together they "
-                f"exceed the {spec.context_length}-token context of {variant}"
+                f"exceed the {context}-token context of {variant}"
             )
-        return input_ids
+
+    def _ids_for(self, variant: str, messages: Sequence[ChatMessage], known: PreparedPrompt) -> tuple[int, ...]:
+        """The prompt in `variant`'s tokens: `known`'s ids when its variant tokenizes alike, else encoded anew."""
+        if self._variants[variant].tokenizes_like(self._variants[known.route.variant]):
+            return known.input_ids
+        return self._encode(variant, messages)
 
     def prepare(
-        self,
-        tier: Tier,
-        model: str,
-        messages: Sequence[ChatMessage],
-        sampling: SamplingParams,
-        route: RouteInfo | None = None,
-    ) -> PreparedRequest:
-        """Route, render and tokenize; refuse what cannot run. No generation happens here."""
-        if route is not None:
-            # A decision made earlier (Prepare) is honoured only if it is still a valid choice for this tier.
-            self._policy.validate_pin(tier, route.variant)
-        elif model not in ("", AUTO):
+        self, tier: Tier, model: str, messages: Sequence[ChatMessage], sampling: SamplingParams
+    ) -> PreparedPrompt:
+        """Route, render and tokenize, once; refuse what cannot run. No generation happens here."""
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message")
+        if model not in ("", AUTO):
             route = self._policy.choose(tier, model)
+            input_ids = self._encode(route.variant, messages)
         else:
-            # Complexity needs a token count; any variant's tokenizer gives a good enough one for scoring.
-            probe = self._tokenize(self._policy.default_for(tier), messages, 0)
-            complexity = self._scorer.score(messages, len(probe))
+            # Complexity needs a token count; the tier default's tokenizer gives one good enough for scoring, and
+            # its ids are the prompt's when the chosen variant tokenizes alike (e.g. fp32 and int8 of one model).
+            default = self._policy.default_for(tier)
+            probe = PreparedPrompt(RouteInfo(default, "", RouteKind.TIER_DEFAULT), self._encode(default, messages))
+            complexity = self._scorer.score(messages, len(probe.input_ids))
             route = self._policy.choose(tier, model, complexity, self._load)
-        input_ids = self._tokenize(route.variant, messages, sampling.max_tokens)
-        return PreparedRequest(route, input_ids, self._variants[route.variant].context_length)
+            input_ids = self._ids_for(route.variant, messages, probe)
+        self._check_fits(route.variant, input_ids, sampling.max_tokens)
+        return PreparedPrompt(route, input_ids)
+
+    def check_prepared(self, tier: Tier, model: str, sampling: SamplingParams, prepared: PreparedPrompt) -> None:
+        """What Prepare made (and a caller carried) is generated as it is, so it is checked as if untrusted: a
+        route the policy could choose now, ids the variant's model can embed, a prompt that fits its context."""
+        self._policy.validate_route(tier, model, prepared.route)
+        variant = prepared.route.variant
+        ids = prepared.input_ids
+        if not ids:
+            raise InvalidRequest("prepared.input_ids is empty: a prepared prompt holds at least one token")
+        vocab = self._variants[variant].tokenizer.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise InvalidRequest(
+                f"prepared.input_ids holds token id {bad}, outside {variant}'s vocabulary of {vocab} tokens"
+            )
+        self._check_fits(variant, ids, sampling.max_tokens)
 
     async def generate(
         self,
@@ -149,29 +186,39 @@ class Router:
         model: str,
         messages: Sequence[ChatMessage],
         sampling: SamplingParams,
-        route: RouteInfo | None = None,
+        prepared: PreparedPrompt | None = None,
     ) -> AsyncIterator[GenerateEvent]:
+        """Stream the answer. `prepared` (from `prepare`, possibly via the gateway) is used as it is after checks;
+        without it the request is prepared here. `messages` are needed again only to fall back to a variant that
+        tokenizes differently."""
         REQUEST_ID.set(request_id)
-        prepared = self.prepare(tier, model, messages, sampling, route)
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message")
+        if prepared is None:
+            prepared = self.prepare(tier, model, messages, sampling)
+        else:
+            self.check_prepared(tier, model, sampling, prepared)
         route = prepared.route
-        pinned = route.reason == "pinned by request"
+        pinned = route.kind is RouteKind.PINNED
         candidates = [route.variant, *([] if pinned else self._policy.fallbacks(tier, route.variant))]
         notes: list[str] = []
         for variant in candidates:
-            input_ids = (
-                prepared.input_ids
-                if variant == route.variant
-                else self._tokenize(variant, messages, sampling.max_tokens)
-            )
+            if variant == route.variant:
+                input_ids = prepared.input_ids
+                served_kind, steps = route.kind, [route.reason]
+            else:
+                input_ids = self._ids_for(variant, messages, prepared)
+                try:
+                    self._check_fits(variant, input_ids, sampling.max_tokens)
+                except InvalidRequest as exc:
+                    notes.append(f"fallback {variant} skipped: {exc}")
+                    continue
+                served_kind = RouteKind.FALLBACK
+                steps = [route.reason, f"fallback: {route.variant} unavailable -> {variant}"]
             tried: set[str] = set()
             while (replica := self._replicas.pick(tier, variant, tried)) is not None:
                 tried.add(replica.name)
-                reason = (
-                    "; ".join([route.reason, *notes])
-                    if variant == route.variant
-                    else "; ".join([route.reason, *notes, f"fallback: {route.variant} unavailable -> {variant}"])
-                )
-                served = RouteInfo(variant, reason)
+                served = RouteInfo(variant, "; ".join([steps[0], *notes, *steps[1:]]), served_kind)
                 try:
                     async for event in self._stream_from(replica, served, request_id, tier, input_ids, sampling):
                         yield event
@@ -193,7 +240,7 @@ class Router:
         route: RouteInfo,
         request_id: str,
         tier: Tier,
-        input_ids: list[int],
+        input_ids: Sequence[int],
         sampling: SamplingParams,
     ) -> AsyncIterator[GenerateEvent]:
         variant = route.variant
@@ -216,8 +263,8 @@ class Router:
                     self._observer.first_token(variant, replica.name, self._load.first_token(variant, ticket))
                     self._observer.routed(tier, route)
                     log.info(
-                        "route request_id=%s tier=%s variant=%s replica=%s prompt_tokens=%d reason=%r",
-                        request_id, tier.value, variant, replica.name, len(input_ids), route.reason,
+                        "route request_id=%s tier=%s variant=%s replica=%s prompt_tokens=%d kind=%s reason=%r",
+                        request_id, tier.value, variant, replica.name, len(input_ids), route.kind.value, route.reason,
                     )  # fmt: skip
                     yield GenerateEvent(route=route)
                 completion_tokens += len(chunk.token_ids)

@@ -93,9 +93,9 @@ async def latency(mesh: Mesh, requests: int, concurrency: int) -> None:
     ).encode()  # fmt: skip
 
     envoy = grpc.aio.insecure_channel(f"127.0.0.1:{s.http_port}")
-    gateway = grpc.aio.insecure_channel(f"127.0.0.1:{s.gateway_port}")
-    cache = grpc.aio.insecure_channel(f"127.0.0.1:{s.cache_port}")
-    router = grpc.aio.insecure_channel(f"127.0.0.1:{s.router_port}")
+    gateway = grpc.aio.insecure_channel(f"127.0.0.1:{s.gateway.port}")
+    cache = grpc.aio.insecure_channel(f"127.0.0.1:{s.cache.port}")
+    router = grpc.aio.insecure_channel(f"127.0.0.1:{s.router.port}")
     http = httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{s.http_port}",
         headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"},
@@ -116,13 +116,15 @@ async def latency(mesh: Mesh, requests: int, concurrency: int) -> None:
     lookup = cache_pb2.CacheLookupRequest(
         key=cache_pb2.CacheKey(
             key_id=key_id,
-            tier="paid",
+            tier=common_pb2.TIER_PAID,
             variant=variant,
             messages=messages,
             sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0),
         )
     )
-    prepare = router_pb2.PrepareRequest(tier="paid", model="", messages=messages, sampling=lookup.key.sampling)
+    prepare = router_pb2.PrepareRequest(
+        tier=common_pb2.TIER_PAID, model="", messages=messages, sampling=lookup.key.sampling
+    )
     cache_stub = cache_pb2_grpc.CacheServiceStub(cache)
     router_stub = router_pb2_grpc.RouterServiceStub(router)
 

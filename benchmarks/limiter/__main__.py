@@ -33,7 +33,7 @@ from control.process import free_port
 from limiter_service.core import Limiter
 from limiter_service.policy import PolicySource
 from limiter_service.redis_store import RedisQuotaStore, SingleRedis, connect
-from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
+from llmesh.v1 import common_pb2, limiter_pb2, limiter_pb2_grpc
 from tests.fixtures.limiter import RedisProcess, start_limiter_process
 
 POLICY = """
@@ -151,7 +151,9 @@ async def over_grpc(target: str, args: argparse.Namespace) -> None:
 
         async def reserve(i: int) -> object:
             return await limiter.Reserve(
-                limiter_pb2.ReserveRequest(key_id=KEYS[i % len(KEYS)], tier="free", prompt_tokens=50, max_tokens=200)
+                limiter_pb2.ReserveRequest(
+                    key_id=KEYS[i % len(KEYS)], tier=common_pb2.TIER_FREE, prompt_tokens=50, max_tokens=200
+                )
             )
 
         async def edge(i: int) -> object:
@@ -176,7 +178,9 @@ async def outage(target: str, redis_pid: int, n: int) -> None:
             for i in range(n):
                 start = time.perf_counter()
                 await limiter.Reserve(
-                    limiter_pb2.ReserveRequest(key_id=KEYS[i % 50], tier="paid", prompt_tokens=5, max_tokens=5)
+                    limiter_pb2.ReserveRequest(
+                        key_id=KEYS[i % 50], tier=common_pb2.TIER_PAID, prompt_tokens=5, max_tokens=5
+                    )
                 )
                 out.append(time.perf_counter() - start)
             return out

@@ -47,7 +47,7 @@ async def direct(replica: TritonReplica, variant: str, input_ids: list[int], max
 async def routed(stub: router_pb2_grpc.RouterServiceStub, max_tokens: int) -> tuple[float, float]:
     request = router_pb2.GenerateRequest(
         request_id="bench",
-        tier="paid",
+        tier=common_pb2.TIER_PAID,
         model="auto",
         messages=[common_pb2.ChatMessage(role="user", content=QUESTION)],
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),

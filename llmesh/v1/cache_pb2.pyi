@@ -19,8 +19,8 @@ class CacheKey(_message.Message):
     variant: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
-    tier: str
-    def __init__(self, key_id: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[str] = ...) -> None: ...
+    tier: _common_pb2.Tier
+    def __init__(self, key_id: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
 
 class CacheLookupRequest(_message.Message):
     __slots__ = ("key", "max_wait_ms")

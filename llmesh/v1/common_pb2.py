@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\",\n\tRouteInfo\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"P\n\tRouteInfo\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.llmesh.v1.RouteKind*O\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\r\n\tTIER_PAID\x10\x02\x12\x13\n\x0fTIER_ENTERPRISE\x10\x03*\xe6\x01\n\tRouteKind\x12\x1a\n\x16ROUTE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17ROUTE_KIND_TIER_DEFAULT\x10\x01\x12\x15\n\x11ROUTE_KIND_PINNED\x10\x02\x12\x1c\n\x18ROUTE_KIND_COMPLEXITY_UP\x10\x03\x12\x1e\n\x1aROUTE_KIND_COMPLEXITY_DOWN\x10\x04\x12\x18\n\x14ROUTE_KIND_LOAD_SHED\x10\x05\x12\x17\n\x13ROUTE_KIND_FALLBACK\x10\x06\x12\x18\n\x14ROUTE_KIND_CACHE_HIT\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TIER']._serialized_start=362
+  _globals['_TIER']._serialized_end=441
+  _globals['_ROUTEKIND']._serialized_start=444
+  _globals['_ROUTEKIND']._serialized_end=674
   _globals['_CHATMESSAGE']._serialized_start=37
   _globals['_CHATMESSAGE']._serialized_end=81
   _globals['_SAMPLINGPARAMS']._serialized_start=83
@@ -39,5 +43,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=199
   _globals['_USAGE']._serialized_end=278
   _globals['_ROUTEINFO']._serialized_start=280
-  _globals['_ROUTEINFO']._serialized_end=324
+  _globals['_ROUTEINFO']._serialized_end=360
 # @@protoc_insertion_point(module_scope)

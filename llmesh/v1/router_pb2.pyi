@@ -8,21 +8,29 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PreparedPrompt(_message.Message):
+    __slots__ = ("route", "input_ids")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    route: _common_pb2.RouteInfo
+    input_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, route: _Optional[_Union[_common_pb2.RouteInfo, _Mapping]] = ..., input_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "tier", "model", "messages", "sampling", "route")
+    __slots__ = ("request_id", "tier", "model", "messages", "sampling", "prepared")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    tier: str
+    tier: _common_pb2.Tier
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
-    route: _common_pb2.RouteInfo
-    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., route: _Optional[_Union[_common_pb2.RouteInfo, _Mapping]] = ...) -> None: ...
+    prepared: PreparedPrompt
+    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prepared: _Optional[_Union[PreparedPrompt, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("tier", "model", "messages", "sampling")
@@ -30,21 +38,19 @@ class PrepareRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    tier: str
+    tier: _common_pb2.Tier
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, tier: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("route", "prompt_tokens", "context_length")
-    ROUTE_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("prepared", "context_length")
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    route: _common_pb2.RouteInfo
-    prompt_tokens: int
+    prepared: PreparedPrompt
     context_length: int
-    def __init__(self, route: _Optional[_Union[_common_pb2.RouteInfo, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    def __init__(self, prepared: _Optional[_Union[PreparedPrompt, _Mapping]] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("delta", "finish_reason", "usage", "route")
@@ -71,8 +77,8 @@ class Variant(_message.Message):
     name: str
     description: str
     context_length: int
-    tiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., context_length: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    tiers: _containers.RepeatedScalarFieldContainer[_common_pb2.Tier]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., context_length: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.Tier, str]]] = ...) -> None: ...
 
 class ListVariantsResponse(_message.Message):
     __slots__ = ("variants",)

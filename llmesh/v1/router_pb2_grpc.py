@@ -56,8 +56,9 @@ class RouterServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prepare(self, request, context):
-        """Route and count the prompt without generating: the gateway needs the variant (cache key) and the prompt's
-        token count (quota reservation) before it commits to generation. Same validation errors as Generate.
+        """Route, render the chat template and tokenize, without generating: the gateway needs the variant (cache key)
+        and the prompt's size (quota reservation) before it commits to generation, and hands the result to Generate
+        so that the request is routed and tokenized once. Same validation errors as Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,6 +17,7 @@ import pytest
 from control.envoy_config import EdgeConfig, envoy_command, render
 from control.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
 from llmesh.apikeys import hash_key, key_id_for
+from llmesh.convert import tier_to_pb
 from llmesh.types import Tier
 from llmesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2, limiter_pb2, limiter_pb2_grpc
 from tests.fixtures.mesh import RunningMesh
@@ -33,10 +34,10 @@ def second_gateway(mesh: RunningMesh, tmp_path_factory: pytest.TempPathFactory) 
     argv = [
         sys.executable, "-m", "gateway",
         "--port", str(port),
-        "--router-url", f"127.0.0.1:{s.router_port}",
+        "--router-url", f"127.0.0.1:{s.router.port}",
         "--redis-url", mesh.redis_url,
         "--limiter-url", mesh.limiter_target,
-        "--cache-url", f"127.0.0.1:{s.cache_port}" if s.cache_enabled else "",
+        "--cache-url", f"127.0.0.1:{s.cache.port}" if s.cache_enabled else "",
         "--metrics-port", "0",
     ]  # fmt: skip
     proc = ManagedProcess("gateway-2", argv, tmp_path_factory.mktemp("gateway-2") / "gateway.log").start()
@@ -58,8 +59,8 @@ def edge_over_both(mesh: RunningMesh, second_gateway: str, tmp_path_factory: pyt
             EdgeConfig(
                 listen_port=port,
                 admin_port=admin,
-                gateways=(("127.0.0.1", mesh.settings.gateway_port), (host, int(gw2))),
-                limiter=("127.0.0.1", mesh.settings.limiter_port),
+                gateways=(("127.0.0.1", mesh.settings.gateway.port), (host, int(gw2))),
+                limiter=("127.0.0.1", mesh.settings.limiter.port),
             )
         )
     )
@@ -85,7 +86,8 @@ def prompt(i: int) -> list[common_pb2.ChatMessage]:
 def quota_status(mesh: RunningMesh, key_id: str, tier: str) -> limiter_pb2.QuotaStatus:
     with grpc.insecure_channel(mesh.limiter_target) as channel:
         stub = limiter_pb2_grpc.LimiterServiceStub(channel)
-        return stub.GetQuota(limiter_pb2.GetQuotaRequest(key_id=key_id, tier=tier), timeout=5)
+        request = limiter_pb2.GetQuotaRequest(key_id=key_id, tier=tier_to_pb(Tier(tier)))
+        return stub.GetQuota(request, timeout=5)
 
 
 def test_exactly_20_of_200_concurrent_over_two_gateways_grpc(mesh: RunningMesh, second_gateway: str) -> None:
@@ -175,7 +177,7 @@ def test_small_token_budget_is_never_overspent_through_the_mesh(mesh: RunningMes
     api_key = mesh.create_key(Tier.PAID)
     key_id = key_id_for(hash_key(api_key))
     budget = 400
-    policy = mesh.settings.limiter_policy_file
+    policy = mesh.settings.limiter.policy_file
     assert policy is not None
     policy.write_text(policy.read_text() + f"\n[keys.{key_id}]\ntokens_per_hour = {budget}\n")
     deadline = time.monotonic() + 15
@@ -218,7 +220,7 @@ def test_small_token_budget_is_never_overspent_through_the_mesh(mesh: RunningMes
 def test_edge_per_key_limit_answers_429_before_the_gateway(mesh: RunningMesh) -> None:
     api_key = "lm-edge-test-not-a-real-key"  # the edge limits by key before anyone checks the key
     key_id = key_id_for(hash_key(api_key))
-    policy = mesh.settings.limiter_policy_file
+    policy = mesh.settings.limiter.policy_file
     assert policy is not None
     policy.write_text(policy.read_text() + f"\n[keys.{key_id}]\nedge_per_minute = 2\n")
     time.sleep(1.5)  # the limiter re-reads the file within a second

@@ -24,7 +24,7 @@ from gateway.auth import RedisApiKeyStore
 from limiter_service.policy import DEFAULT_POLICY_FILE
 from llmesh.apikeys import hash_key, key_id_for
 from llmesh.types import Tier
-from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
+from llmesh.v1 import common_pb2, limiter_pb2, limiter_pb2_grpc
 from tests.fixtures.limiter import LimiterProcess, RedisProcess
 
 POLICY = """
@@ -47,12 +47,17 @@ def new_key_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def tier_pb(tier: str) -> common_pb2.Tier:
+    """The wire enum of a tier name; "" is TIER_UNSPECIFIED."""
+    return common_pb2.Tier.Value(f"TIER_{tier.upper()}") if tier else common_pb2.TIER_UNSPECIFIED
+
+
 def reserve(
     stub: limiter_pb2_grpc.LimiterServiceStub, key_id: str, tier: str, **kw: int
 ) -> limiter_pb2.ReserveResponse:
     return stub.Reserve(
         limiter_pb2.ReserveRequest(
-            key_id=key_id, tier=tier, prompt_tokens=kw.get("prompt", 10), max_tokens=kw.get("max", 10)
+            key_id=key_id, tier=tier_pb(tier), prompt_tokens=kw.get("prompt", 10), max_tokens=kw.get("max", 10)
         ),
         timeout=5,
     )
@@ -100,7 +105,7 @@ def test_reserve_settle_status_reset_and_hot_reload(
         assert quotas["requests_per_hour"].remaining == 4 and quotas["tokens_per_hour"].remaining == 500
         assert stub.Settle(limiter_pb2.SettleRequest(reservation_id=first.reservation_id, used_tokens=150)).settled
         assert not stub.Settle(limiter_pb2.SettleRequest(reservation_id=first.reservation_id, used_tokens=150)).settled
-        status = stub.GetQuota(limiter_pb2.GetQuotaRequest(key_id=key_id, tier="free"))
+        status = stub.GetQuota(limiter_pb2.GetQuotaRequest(key_id=key_id, tier=common_pb2.TIER_FREE))
         assert {q.name: q.remaining for q in status.quotas} == {"requests_per_hour": 4, "tokens_per_hour": 850}
         assert status.subject == f"key:{key_id}" and status.on_store_failure == "closed"
 
@@ -114,8 +119,9 @@ def test_reserve_settle_status_reset_and_hot_reload(
         assert 3600_000 - elapsed_ms - 1 <= refused.retry_after_ms <= 3600_000
 
         with pytest.raises(grpc.RpcError) as bad:
-            reserve(stub, key_id, "gold")
-        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown tier" in (bad.value.details() or "")
+            reserve(stub, key_id, "")
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tier must be one of" in (bad.value.details() or "")
         with pytest.raises(grpc.RpcError) as too_big:
             reserve(stub, key_id, "free", prompt=600, max=600)
         assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "lower max_tokens" in (
@@ -131,7 +137,7 @@ def test_reserve_settle_status_reset_and_hot_reload(
         assert not reserve(stub, key_id, "free").allowed
         assert metric(limiter, 'llmesh_limiter_policy_reloads_total{result="refused"}') == 1
 
-        reset = stub.ResetQuota(limiter_pb2.GetQuotaRequest(key_id=key_id, tier="free"))
+        reset = stub.ResetQuota(limiter_pb2.GetQuotaRequest(key_id=key_id, tier=common_pb2.TIER_FREE))
         assert {q.name: q.remaining for q in reset.quotas}["requests_per_hour"] == 7
         assert reserve(stub, key_id, "free").allowed
 

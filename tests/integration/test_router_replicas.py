@@ -21,7 +21,7 @@ QUESTIONS = ["What is the capital of France?", "Name a primary color.", "What is
 
 
 def generate_request(
-    question: str, max_tokens: int, tier: str = "paid", model: str = "auto"
+    question: str, max_tokens: int, tier: common_pb2.Tier = common_pb2.TIER_PAID, model: str = "auto"
 ) -> router_pb2.GenerateRequest:
     return router_pb2.GenerateRequest(
         request_id=f"t-{time.monotonic_ns()}",
@@ -133,7 +133,7 @@ def test_flooded_large_pool_degrades_auto_requests(model_repository: Path, tmp_p
         first_tokens = sorted(p[2] for p in degraded if p[2] is not None)
         p95 = first_tokens[max(0, int(0.95 * len(first_tokens)) - 1)]
         assert p95 < 2.0, f"degraded requests' first-token p95 {p95:.2f}s broke the 2 s budget"
-        assert all(f[0] == "ok" for f in flood), "the pinned flood itself must still be served"
+        assert all(f[0] == "ok" for f in flood), f"the pinned flood itself must still be served: {flood}"
         assert (router.metric("llmesh_router_decisions_total", tier="paid", variant="small", reason="load") or 0) > 0
     finally:
         router.process.stop()

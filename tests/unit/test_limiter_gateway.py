@@ -16,7 +16,7 @@ from gateway.pipeline import Reservation
 from gateway.quotas import GrpcQuotaGate, quota_headers
 from llmesh.errors import ResourceExhausted, Unavailable
 from llmesh.types import Principal, Tier
-from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
+from llmesh.v1 import common_pb2, limiter_pb2, limiter_pb2_grpc
 
 PRINCIPAL = Principal("0123456789abcdef", Tier.FREE)
 
@@ -86,7 +86,8 @@ def test_admitted_refused_and_settled() -> None:
             assert reservation.id == "r/free/x/1" and reservation.reserved_tokens == 100
             assert ("x-ratelimit-remaining", "7") in reservation.headers
             sent = fake.reserves[-1]
-            assert (sent.key_id, sent.tier, sent.prompt_tokens, sent.max_tokens) == (PRINCIPAL.key_id, "free", 30, 70)
+            sent_fields = (sent.key_id, sent.tier, sent.prompt_tokens, sent.max_tokens)
+            assert sent_fields == (PRINCIPAL.key_id, common_pb2.TIER_FREE, 30, 70)
             assert len(sent.nonce) == 32, "a fresh nonce makes a retried Reserve admit once"
             await gate.settle(reservation, 42)
             assert [(s.reservation_id, s.used_tokens) for s in fake.settled] == [("r/free/x/1", 42)]

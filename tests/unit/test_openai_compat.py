@@ -4,7 +4,7 @@ import pytest
 
 from gateway import openai_compat
 from llmesh.errors import InvalidRequest
-from llmesh.types import RouteInfo, Usage
+from llmesh.types import RouteInfo, RouteKind, Usage
 
 
 def body(**payload: object) -> bytes:
@@ -62,13 +62,15 @@ def test_bad_json_is_invalid_request(raw: bytes, message: str) -> None:
 
 def test_completion_json_shape() -> None:
     out = json.loads(
-        openai_compat.completion_json("id1", 5, RouteInfo("small", "tier free default"), "Hello", "stop", Usage(3, 2))
+        openai_compat.completion_json(
+            "id1", 5, RouteInfo("small", "tier free default", RouteKind.TIER_DEFAULT), "Hello", "stop", Usage(3, 2)
+        )
     )
     assert out["object"] == "chat.completion"
     assert out["model"] == "small"
     assert out["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
     assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert out["llmesh_route"]["reason"] == "tier free default"
+    assert out["llmesh_route"] == {"variant": "small", "reason": "tier free default", "kind": "tier_default"}
 
 
 def test_sse_chunk_framing() -> None:

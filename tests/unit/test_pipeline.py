@@ -7,29 +7,46 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.pipeline import CachedAnswer, ChatPipeline, Reservation
+from gateway.pipeline import CachedAnswer, CacheLookup, ChatPipeline, Reservation
 from gateway.validation import RequestLimits
 from llmesh.errors import ResourceExhausted
-from llmesh.types import ChatMessage, ChatRequest, GenerateEvent, Principal, RouteInfo, SamplingParams, Tier, Usage
+from llmesh.types import (
+    ChatMessage,
+    ChatRequest,
+    GenerateEvent,
+    PreparedPrompt,
+    Principal,
+    RouteInfo,
+    RouteKind,
+    SamplingParams,
+    Tier,
+    Usage,
+)
 
 PRINCIPAL = Principal("k1", Tier.FREE)
 REQUEST = ChatRequest("auto", (ChatMessage("user", "hi"),), SamplingParams(max_tokens=10))
+PREPARED = PreparedPrompt(RouteInfo("small", "tier free default small", RouteKind.TIER_DEFAULT), (11,) * 7)
 
 
 class FakeRouter:
-    def __init__(self, deltas: list[str], fail_after: int | None = None) -> None:
+    def __init__(self, deltas: list[str], fail_after: int | None = None, calls: list[str] | None = None) -> None:
         self.deltas = deltas
         self.fail_after = fail_after
         self.generated = 0
+        self.given: list[PreparedPrompt | None] = []
+        self.calls = [] if calls is None else calls
 
-    async def prepare(self, tier: Tier, request: ChatRequest) -> tuple[RouteInfo, int]:
-        return RouteInfo("small", "tier default"), 7
+    async def prepare(self, tier: Tier, request: ChatRequest) -> PreparedPrompt:
+        self.calls.append("router.Prepare")
+        return PREPARED
 
     async def generate(
-        self, request_id: str, tier: Tier, request: ChatRequest, route: RouteInfo | None = None
+        self, request_id: str, tier: Tier, request: ChatRequest, prepared: PreparedPrompt | None = None
     ) -> AsyncIterator[GenerateEvent]:
+        self.calls.append("router.Generate")
         self.generated += 1
-        yield GenerateEvent(route=route)
+        self.given.append(prepared)
+        yield GenerateEvent(route=prepared.route if prepared else None)
         for i, delta in enumerate(self.deltas):
             if self.fail_after is not None and i == self.fail_after:
                 raise ConnectionError("replica died")
@@ -41,30 +58,50 @@ class FakeRouter:
 
 
 class FakeQuotas:
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, calls: list[str] | None = None) -> None:
         self.refuse = refuse
         self.settled: list[tuple[str, int]] = []
+        self.reserved: list[int] = []
+        self.calls = [] if calls is None else calls
 
     async def reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int) -> Reservation:
+        self.calls.append("limiter.Reserve")
+        self.reserved.append(prompt_tokens)
         if self.refuse:
             raise ResourceExhausted("requests_per_hour exhausted", retry_after_s=30)
         return Reservation(request_id, prompt_tokens + max_tokens)
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        self.calls.append("limiter.Settle")
         self.settled.append((reservation.id, used_tokens))
 
 
 class FakeCache:
-    def __init__(self, hit: CachedAnswer | None = None) -> None:
-        self.hit = hit
-        self.stored: list[CachedAnswer | None] = []
+    """A miss hands out a single-flight token (or, with `cacheable=False`, says not to store)."""
 
-    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CachedAnswer | None:
-        return self.hit
+    def __init__(self, hit: CachedAnswer | None = None, cacheable: bool = True, calls: list[str] | None = None) -> None:
+        self.hit = hit
+        self.cacheable = cacheable
+        self.stored: list[CachedAnswer | None] = []
+        self.tokens: list[str] = []
+        self.calls = [] if calls is None else calls
+
+    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CacheLookup:
+        self.calls.append("cache.Lookup")
+        if self.hit is not None:
+            return CacheLookup(answer=self.hit)
+        return CacheLookup(store=True, flight_token="flight-1") if self.cacheable else CacheLookup()
 
     async def store(
-        self, principal: Principal, route: RouteInfo, request: ChatRequest, answer: CachedAnswer | None
+        self,
+        principal: Principal,
+        route: RouteInfo,
+        request: ChatRequest,
+        lookup: CacheLookup,
+        answer: CachedAnswer | None,
     ) -> None:
+        self.calls.append("cache.Store")
+        self.tokens.append(lookup.flight_token)
         self.stored.append(answer)
 
 
@@ -104,5 +141,35 @@ def test_cache_hit_replays_chunks_without_generating_or_charging() -> None:
     cache = FakeCache(CachedAnswer(("Hel", "lo"), "stop", Usage(7, 2)))
     events = asyncio.run(collect(pipeline(router, quotas, cache)))
     assert [e.delta for e in events if e.delta] == ["Hel", "lo"]
-    assert events[0].route is not None and "exact cache hit" in events[0].route.reason
+    route = events[0].route
+    assert route == RouteInfo("small", "tier free default small; exact cache hit", RouteKind.CACHE_HIT)
     assert router.generated == 0 and quotas.settled == []
+
+
+def test_internal_calls_of_a_hit_and_of_a_miss() -> None:
+    """docs/PERFORMANCE.md, "Internal calls per request": the gateway's calls, in order."""
+    calls: list[str] = []
+    answer = CachedAnswer(("Hel", "lo"), "stop", Usage(7, 2))
+    hit = pipeline(FakeRouter(["x"], calls=calls), FakeQuotas(calls=calls), FakeCache(answer, calls=calls))
+    asyncio.run(collect(hit))
+    assert calls == ["router.Prepare", "cache.Lookup"]
+
+    calls.clear()
+    router = FakeRouter(["x"], calls=calls)
+    asyncio.run(collect(pipeline(router, FakeQuotas(calls=calls), FakeCache(calls=calls))))
+    assert calls == [
+        "router.Prepare", "cache.Lookup", "limiter.Reserve", "router.Generate", "limiter.Settle", "cache.Store"
+    ]  # fmt: skip
+    assert router.given == [PREPARED], "Generate gets Prepare's route and token ids: one preparation per request"
+
+
+def test_a_miss_the_cache_does_not_want_is_not_stored() -> None:
+    cache = FakeCache(cacheable=False)
+    asyncio.run(collect(pipeline(FakeRouter(["a"]), FakeQuotas(), cache)))
+    assert cache.calls == ["cache.Lookup"]
+
+
+def test_the_quota_reservation_counts_the_prepared_prompt() -> None:
+    quotas = FakeQuotas()
+    asyncio.run(collect(pipeline(FakeRouter([]), quotas)))
+    assert quotas.reserved == [len(PREPARED.input_ids)]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llmesh.errors import InvalidRequest, PermissionDenied
-from llmesh.types import ChatMessage, Tier
+from llmesh.types import ChatMessage, RouteInfo, RouteKind, Tier
 from router.complexity import ComplexityScore, HeuristicScorer
 from router.load import LoadTracker
 from router.policy import DEFAULT_POLICY_FILE, RoutingPolicy, TierPolicy, load_policy
@@ -40,31 +40,54 @@ SIMPLE, PLAIN, HARD = ComplexityScore(0.05, ()), ComplexityScore(0.3, ()), Compl
 IDLE, LARGE_BUSY, ALL_BUSY = FakeLoad({}), FakeLoad({"large": 1.8}), FakeLoad({"large": 3, "medium": 3, "small": 3})
 
 
+DEFAULT, UP, DOWN, SHED = (
+    RouteKind.TIER_DEFAULT,
+    RouteKind.COMPLEXITY_UP,
+    RouteKind.COMPLEXITY_DOWN,
+    RouteKind.LOAD_SHED,
+)
+
+
 @pytest.mark.parametrize(
-    ("tier", "complexity", "load", "variant", "why"),
+    ("tier", "complexity", "load", "variant", "kind", "why"),
     [
-        (Tier.FREE, PLAIN, IDLE, "small", "tier free default small"),
-        (Tier.FREE, HARD, IDLE, "medium", "complexity 0.80 (code) -> up to medium"),
-        (Tier.FREE, SIMPLE, IDLE, "small", "tier free default small"),
-        (Tier.PAID, PLAIN, IDLE, "medium", "tier paid default medium"),
-        (Tier.PAID, HARD, IDLE, "large", "up to large"),
-        (Tier.PAID, SIMPLE, IDLE, "small", "down to small"),
-        (Tier.PAID, HARD, LARGE_BUSY, "medium", "load: large first-token p95 1.80s near the 2.0s budget -> medium"),
-        (Tier.ENTERPRISE, PLAIN, IDLE, "large", "tier enterprise default large"),
-        (Tier.ENTERPRISE, PLAIN, LARGE_BUSY, "medium", "load: large"),
-        (Tier.ENTERPRISE, PLAIN, ALL_BUSY, "small", "-> small"),
-        (Tier.FREE, HARD, ALL_BUSY, "small", "load: medium"),
+        (Tier.FREE, PLAIN, IDLE, "small", DEFAULT, "tier free default small"),
+        (Tier.FREE, HARD, IDLE, "medium", UP, "complexity 0.80 (code) -> up to medium"),
+        (Tier.FREE, SIMPLE, IDLE, "small", DEFAULT, "tier free default small"),
+        (Tier.PAID, PLAIN, IDLE, "medium", DEFAULT, "tier paid default medium"),
+        (Tier.PAID, HARD, IDLE, "large", UP, "up to large"),
+        (Tier.PAID, SIMPLE, IDLE, "small", DOWN, "down to small"),
+        (Tier.PAID, HARD, LARGE_BUSY, "medium", SHED, "load: large first-token p95 1.80s near the 2.0s budget"),
+        (Tier.ENTERPRISE, PLAIN, IDLE, "large", DEFAULT, "tier enterprise default large"),
+        (Tier.ENTERPRISE, PLAIN, LARGE_BUSY, "medium", SHED, "load: large"),
+        (Tier.ENTERPRISE, PLAIN, ALL_BUSY, "small", SHED, "-> small"),
+        (Tier.FREE, HARD, ALL_BUSY, "small", SHED, "load: medium"),
     ],
 )
-def test_policy_table(tier: Tier, complexity: ComplexityScore, load: FakeLoad, variant: str, why: str) -> None:
+def test_policy_table(
+    tier: Tier, complexity: ComplexityScore, load: FakeLoad, variant: str, kind: RouteKind, why: str
+) -> None:
     route = POLICY.choose(tier, "auto", complexity, load)
-    assert route.variant == variant
+    assert (route.variant, route.kind) == (variant, kind), "the kind is the factor that decided last"
     assert why in route.reason
 
 
 def test_pinned_variant_wins_over_load() -> None:
     route = POLICY.choose(Tier.PAID, "large", HARD, ALL_BUSY)
-    assert (route.variant, route.reason) == ("large", "pinned by request")
+    assert route == RouteInfo("large", "pinned by request", RouteKind.PINNED)
+
+
+def test_a_prepared_route_is_valid_only_if_choose_could_make_it_now() -> None:
+    POLICY.validate_route(Tier.PAID, "auto", RouteInfo("small", "", RouteKind.LOAD_SHED))
+    POLICY.validate_route(Tier.PAID, "large", RouteInfo("large", "", RouteKind.PINNED))
+    with pytest.raises(InvalidRequest, match="'large' is not one `auto` may choose for the free tier"):
+        POLICY.validate_route(Tier.FREE, "auto", RouteInfo("large", "", RouteKind.COMPLEXITY_UP))
+    with pytest.raises(InvalidRequest, match="does not match the requested model 'medium'"):
+        POLICY.validate_route(Tier.PAID, "medium", RouteInfo("large", "", RouteKind.PINNED))
+    with pytest.raises(InvalidRequest, match="kind fallback is not a routing decision"):
+        POLICY.validate_route(Tier.PAID, "auto", RouteInfo("small", "", RouteKind.FALLBACK))
+    with pytest.raises(PermissionDenied):
+        POLICY.validate_route(Tier.FREE, "large", RouteInfo("large", "", RouteKind.PINNED))
 
 
 def test_unknown_model_lists_choices() -> None:
@@ -75,7 +98,7 @@ def test_unknown_model_lists_choices() -> None:
 def test_tier_not_allowed_is_permission_denied() -> None:
     with pytest.raises(PermissionDenied, match="not available to the free tier"):
         POLICY.choose(Tier.FREE, "large")
-    assert POLICY.tiers_for("large") == ("paid", "enterprise")
+    assert POLICY.tiers_for("large") == (Tier.PAID, Tier.ENTERPRISE)
 
 
 def test_fallbacks_are_smaller_allowed_variants_largest_first() -> None:
@@ -105,7 +128,7 @@ def test_pinned_only_variants_are_never_chosen_by_auto() -> None:
     policy = dataclasses.replace(POLICY, pinned_only=("large",))
     hard = ComplexityScore(0.9, ("math",))
     assert policy.choose(Tier.PAID, "auto", hard).variant == "medium"
-    assert policy.choose(Tier.PAID, "large").reason == "pinned by request"
+    assert policy.choose(Tier.PAID, "large").kind is RouteKind.PINNED
     # Unless a tier names it as its default: then it is that tier's auto choice, and load still degrades it.
     assert policy.choose(Tier.ENTERPRISE, "auto").variant == "large"
     busy = FakeLoad({"large": 1.8})

@@ -1,12 +1,13 @@
-"""Router core with fake tokenizers and fake replicas: text assembly, stops, context checks, failover."""
+"""Router core with fake tokenizers and fake replicas: text assembly, stops, context checks, failover, and one
+preparation per request (Prepare's route and ids are what Generate streams, after checks)."""
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from llmesh.errors import InvalidRequest, Unavailable
-from llmesh.types import ChatMessage, GenerateEvent, SamplingParams, Tier
+from llmesh.errors import InvalidRequest, PermissionDenied, Unavailable
+from llmesh.types import ChatMessage, GenerateEvent, PreparedPrompt, RouteInfo, RouteKind, SamplingParams, Tier
 from router.policy import RoutingPolicy, TierPolicy
 from router.replicas import ReplicaPool, ReplicaState
 from router.service import Router, Variant
@@ -18,18 +19,30 @@ class WordTokenizer:
 
     WORDS = ["<eos>", "Hello", " there", " STOP", " friend", "x"]
 
-    def __init__(self, context_length: int = 16) -> None:
+    def __init__(self, context_length: int = 16, word_id: int = 5) -> None:
         self._context_length = context_length
+        self._word_id = word_id
+        self.templated = 0
+        self.encoded = 0
 
     @property
     def context_length(self) -> int:
         return self._context_length
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.WORDS)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self.templated += 1
         return " ".join(m["content"] for m in messages)
 
     def encode(self, text: str) -> list[int]:
-        return [5] * len(text.split())
+        self.encoded += 1
+        return [self._word_id] * len(text.split())
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(self.WORDS[i] for i in ids if not (skip_special_tokens and i == 0))
@@ -170,3 +183,158 @@ def test_all_replicas_down_falls_back_to_smaller_variant_only_when_the_model_is_
     router = make(PerVariant("b", ANSWER), variants=("small", "large"))
     with pytest.raises(Unavailable, match="no replica could serve large"):
         run(router, SamplingParams(max_tokens=8), model="large")
+
+
+def test_fallback_route_says_fallback_and_keeps_the_story() -> None:
+    class LargeDown(ScriptedReplica):
+        async def stream(self, variant, request_id, input_ids, sampling, tier):  # type: ignore[no-untyped-def]
+            if variant == "large":
+                raise Unavailable("large pool gone")
+            async for chunk in super().stream(variant, request_id, input_ids, sampling, tier):
+                yield chunk
+
+    events = run(make(LargeDown("a", ANSWER), variants=("small", "large")), SamplingParams(max_tokens=8))
+    route = events[0].route
+    assert route is not None and route.kind is RouteKind.FALLBACK
+    assert route.reason.startswith("tier paid default large")
+
+
+# --- one preparation per request ---------------------------------------------------------------------------------
+
+MESSAGES = [ChatMessage("user", "hi there")]
+
+
+def counting_router(
+    *replicas: ScriptedReplica, shared: bool = True, policy_default: str = "small", up: float = 2.0
+) -> tuple[Router, dict[str, WordTokenizer]]:
+    """Variants small and large; with `shared`, both have the same tokenizer id (tokenize alike)."""
+    tokenizers = {"small": WordTokenizer(), "large": WordTokenizer(word_id=4 if not shared else 5)}
+    specs = {
+        name: Variant(name, "test", tokenizer, tokenizer_id="same" if shared else name)
+        for name, tokenizer in tokenizers.items()
+    }
+    tiers = {tier: TierPolicy(default=policy_default) for tier in Tier}
+    policy = RoutingPolicy(("small", "large"), tiers, complexity_up=up, complexity_down=-1.0)
+    pool = ReplicaPool(ReplicaState(r) for r in replicas)
+    return Router(specs, policy, pool), tokenizers
+
+
+def work(tokenizers: dict[str, WordTokenizer]) -> dict[str, tuple[int, int]]:
+    return {name: (t.templated, t.encoded) for name, t in tokenizers.items()}
+
+
+def prepare_then_generate(router: Router, model: str = "auto") -> tuple[PreparedPrompt, list[GenerateEvent]]:
+    """What the gateway does on a cache miss: Prepare, then Generate with Prepare's answer."""
+    sampling = SamplingParams(max_tokens=8)
+    prepared = router.prepare(Tier.PAID, model, MESSAGES, sampling)
+
+    async def collect() -> list[GenerateEvent]:
+        return [e async for e in router.generate("r1", Tier.PAID, model, MESSAGES, sampling, prepared)]
+
+    return prepared, asyncio.run(collect())
+
+
+def test_auto_request_is_templated_and_tokenized_once_and_generate_streams_the_given_ids() -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, tokenizers = counting_router(replica)
+    prepared, events = prepare_then_generate(router)
+    assert prepared.route == RouteInfo("small", "tier paid default small", RouteKind.TIER_DEFAULT)
+    assert work(tokenizers) == {"small": (1, 1), "large": (0, 0)}, "the probe's ids are the prompt's"
+    assert replica.calls == [("small", list(prepared.input_ids))]
+    assert events[-1].usage is not None and events[-1].usage.prompt_tokens == len(prepared.input_ids)
+
+
+def test_probe_ids_are_reused_when_complexity_moves_to_a_variant_that_tokenizes_alike() -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, tokenizers = counting_router(replica, up=0.0)  # every request counts as complex: small -> large
+    prepared, _ = prepare_then_generate(router)
+    assert (prepared.route.variant, prepared.route.kind) == ("large", RouteKind.COMPLEXITY_UP)
+    assert work(tokenizers) == {"small": (1, 1), "large": (0, 0)}
+    assert replica.calls == [("large", [5, 5])]
+
+
+def test_probe_and_chosen_variant_with_different_tokenizers_prepare_twice_at_most() -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, tokenizers = counting_router(replica, shared=False, up=0.0)
+    prepared, _ = prepare_then_generate(router)
+    assert prepared.route.variant == "large" and prepared.input_ids == (4, 4)
+    assert work(tokenizers) == {"small": (1, 1), "large": (1, 1)}
+    assert replica.calls == [("large", [4, 4])]
+
+
+def test_pinned_request_is_tokenized_once_by_its_variant() -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, tokenizers = counting_router(replica)
+    prepared, _ = prepare_then_generate(router, model="large")
+    assert prepared.route.kind is RouteKind.PINNED
+    assert work(tokenizers) == {"small": (0, 0), "large": (1, 1)}
+
+
+def test_generate_without_a_prepared_prompt_prepares_itself() -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, tokenizers = counting_router(replica)
+    run(router, SamplingParams(max_tokens=8))
+    assert work(tokenizers) == {"small": (1, 1), "large": (0, 0)}
+
+
+def test_fallback_reuses_ids_when_the_smaller_variant_tokenizes_alike_else_retokenizes() -> None:
+    class LargeDown(ScriptedReplica):
+        async def stream(self, variant, request_id, input_ids, sampling, tier):  # type: ignore[no-untyped-def]
+            self.calls.append((variant, list(input_ids)))
+            if variant == "large":
+                raise Unavailable("large pool gone")
+            async for chunk in super().stream(variant, request_id, input_ids, sampling, tier):
+                yield chunk
+
+    for shared, small_ids, small_work in ((True, [5, 5], (0, 0)), (False, [5, 5], (1, 1))):
+        replica = LargeDown("a", ANSWER)
+        router, tokenizers = counting_router(replica, shared=shared, policy_default="large")
+        prepared, events = prepare_then_generate(router)
+        assert events[0].route is not None and events[0].route.kind is RouteKind.FALLBACK
+        assert replica.calls[0] == ("large", list(prepared.input_ids))
+        assert replica.calls[-1] == ("small", small_ids)
+        assert work(tokenizers) == {"large": (1, 1), "small": small_work}
+
+
+def generate_prepared(router: Router, prepared: PreparedPrompt, model: str = "auto", tier: Tier = Tier.PAID) -> None:
+    async def collect() -> list[GenerateEvent]:
+        return [e async for e in router.generate("r1", tier, model, MESSAGES, SamplingParams(max_tokens=8), prepared)]
+
+    asyncio.run(collect())
+
+
+@pytest.mark.parametrize(
+    ("prepared", "model", "message"),
+    [
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.TIER_DEFAULT), (5, 6)), "auto", "token id 6, outside small's"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.TIER_DEFAULT), (-1,)), "auto", "token id -1"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.TIER_DEFAULT), (5,) * 9), "auto", "prompt is 9 tokens"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.TIER_DEFAULT), ()), "auto", "input_ids is empty"),
+        (PreparedPrompt(RouteInfo("gpt-9", "", RouteKind.TIER_DEFAULT), (5,)), "auto", "'gpt-9' is not one `auto`"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.PINNED), (5,)), "large", "does not match the requested"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.PINNED), (5,)), "auto", "does not match the requested"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.TIER_DEFAULT), (5,)), "small", "does not match the requested"),
+        (PreparedPrompt(RouteInfo("small", "", RouteKind.CACHE_HIT), (5,)), "auto", "not a routing decision"),
+    ],
+)
+def test_a_bad_prepared_prompt_is_invalid_and_never_reaches_a_replica(
+    prepared: PreparedPrompt, model: str, message: str
+) -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, _ = counting_router(replica)
+    with pytest.raises(InvalidRequest, match=message):
+        generate_prepared(router, prepared, model)
+    assert replica.calls == []
+
+
+def test_a_prepared_route_the_tier_may_not_use_is_refused() -> None:
+    replica = ScriptedReplica("a", ANSWER)
+    router, _ = counting_router(replica)
+    router._policy = RoutingPolicy(  # free may use small only
+        ("small", "large"), {Tier.FREE: TierPolicy(allowed=("small",))}, complexity_down=-1.0
+    )
+    with pytest.raises(InvalidRequest, match="'large' is not one `auto` may choose for the free tier"):
+        generate_prepared(router, PreparedPrompt(RouteInfo("large", "", RouteKind.LOAD_SHED), (5,)), tier=Tier.FREE)
+    with pytest.raises(PermissionDenied, match="not available to the free tier"):
+        generate_prepared(router, PreparedPrompt(RouteInfo("large", "", RouteKind.PINNED), (5,)), "large", Tier.FREE)
+    assert replica.calls == []
