@@ -10,9 +10,10 @@ Lookup, for a deterministic request:
 3. single flight: atomically re-check the exact entry and take the key's lock. The first request takes it and
    generates (`flight_token` in the result); identical requests arriving meanwhile wait, bounded, for its answer,
    and generate themselves if the leader fails or takes too long.
-Any backend failure opens a circuit breaker: the cache answers "miss, don't store" without touching Redis until
-the cooldown passes, so an outage costs at most one short timeout per cooldown, and no request fails because of
-the cache.
+Any backend failure opens the circuit breaker (llmesh/breaker.py): the cache answers "miss, don't store" without
+touching Redis until the cooldown passes, so an outage costs at most one short timeout per cooldown, and no request
+fails because of the cache. After each cooldown the first request is the probe; while the circuit is open a
+background task probes too (`start()`), so the cache, its metric and its health recover without traffic.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from cache_service.keys import (
 from cache_service.metrics import CacheMetrics
 from cache_service.semantic import SemanticIndex
 from cache_service.store import BackendError, CacheBackend, RedisBackend
+from llmesh.breaker import BreakerState, CircuitBreaker
 from llmesh.types import ChatMessage, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 # Waiters re-check this often even without a release message (e.g. while pub/sub reconnects).
 WAIT_POLL_S = 0.25
+# The background probe waits at least this long between probes, also with a cooldown of 0.
+MIN_PROBE_INTERVAL_S = 0.1
 FINISHED = ("stop", "length")
 
 
@@ -85,35 +89,6 @@ class LookupResult:
         return self.answer is not None
 
 
-class Breaker:
-    """Closed -> (failure) open for `cooldown_s` -> one probe call -> closed again on success."""
-
-    def __init__(self, cooldown_s: float, clock: Clock = time.monotonic) -> None:
-        self._cooldown_s = cooldown_s
-        self._clock = clock
-        self._open_until: float | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._open_until is None
-
-    def allow(self) -> bool:
-        if self._open_until is None:
-            return True
-        now = self._clock()
-        if now < self._open_until:
-            return False
-        # Half-open: this caller probes; everyone else keeps bypassing until it reports back.
-        self._open_until = now + self._cooldown_s
-        return True
-
-    def success(self) -> None:
-        self._open_until = None
-
-    def failure(self) -> None:
-        self._open_until = self._clock() + self._cooldown_s
-
-
 def encode_entry(answer: Answer, variant: str, stored_ms: int, expires_ms: int) -> bytes:
     return json.dumps(
         {
@@ -140,7 +115,13 @@ def decode_entry(value: bytes) -> tuple[Answer, int] | None:
         return None
 
 
-class ResponseCache:
+class AnswerCache:
+    """The cache service's core: answers by exact key or semantic neighbour, single flight, bypass while Redis is down.
+
+    `on_backend_change(up)` is called whenever the backend goes down (circuit no longer closed) or comes back; the
+    server sets the service's health from it.
+    """
+
     def __init__(
         self,
         backend: CacheBackend,
@@ -149,6 +130,7 @@ class ResponseCache:
         embedder: Embedder | None = None,
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
+        on_backend_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._backend = backend
         self._settings = settings
@@ -157,10 +139,13 @@ class ResponseCache:
         self._clock = clock
         self._monotonic = monotonic
         self._policy = ScopePolicy.from_lists(settings.public_key_ids, settings.public_tiers)
-        self._breaker = Breaker(settings.breaker_cooldown_s, monotonic)
+        self._on_backend_change = on_backend_change
+        # Set while the circuit is not closed: wakes the background probe, which waits otherwise.
+        self._backend_down = asyncio.Event()
+        self._breaker = CircuitBreaker(settings.breaker_cooldown_s, clock=monotonic, on_change=self._breaker_changed)
         self._index = SemanticIndex(backend, settings.semantic_max_entries)
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def semantic_enabled(self) -> bool:
@@ -171,16 +156,19 @@ class ResponseCache:
         return self._breaker.closed
 
     def start(self) -> None:
-        """Start following single-flight releases (from every replica). Call inside the running loop."""
-        if self._settings.single_flight and self._listener is None:
-            self._listener = asyncio.create_task(self._backend.listen(self._on_released))
+        """Start the background tasks, inside the running loop: the probe of a down backend, and (with single
+        flight) the listener of releases from every replica. `close()` ends them."""
+        if self._tasks:
+            return
+        self._tasks.append(asyncio.create_task(self._probe_while_down()))
+        if self._settings.single_flight:
+            self._tasks.append(asyncio.create_task(self._backend.listen(self._on_released)))
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
 
     # ---- helpers
 
@@ -194,20 +182,51 @@ class ResponseCache:
         return self._policy.scope_for(request.key_id, request.tier)
 
     def _backend_failed(self, op: str, exc: BackendError) -> None:
-        if self._breaker.closed:
-            log.warning("cache backend failed (%s): %s; bypassing the cache for %.1fs", op, exc,
-                        self._settings.breaker_cooldown_s)  # fmt: skip
-        self._breaker.failure()
         if self._metrics:
             self._metrics.backend_errors.labels(op).inc()
-            self._metrics.backend_up.set(0)
+        self._breaker.record_failure(f"{op}: {exc}")
 
     def _backend_ok(self) -> None:
-        if not self._breaker.closed:
+        self._breaker.record_success()
+
+    def _breaker_changed(self, state: BreakerState, reason: str) -> None:
+        """The breaker's on_change: the one place that logs, counts and reports the backend going down and back."""
+        up, was_up = state is BreakerState.CLOSED, not self._backend_down.is_set()
+        if up == was_up:  # open <-> half-open: a probe went out or failed; still bypassed
+            log.debug("cache backend circuit %s: %s", state.value, reason)
+            return
+        if up:
             log.info("cache backend answers again")
-        self._breaker.success()
+            self._backend_down.clear()
+        else:
+            log.warning("cache backend failed (%s); bypassing the cache, probing every %.1fs", reason,
+                        self._settings.breaker_cooldown_s)  # fmt: skip
+            self._backend_down.set()
         if self._metrics:
-            self._metrics.backend_up.set(1)
+            self._metrics.backend_up.set(1 if up else 0)
+        if self._on_backend_change is not None:
+            self._on_backend_change(up)
+
+    async def _probe_while_down(self) -> None:
+        """While the circuit is open, probe the backend once per cooldown (unless a request took the probe), so the
+        cache recovers without traffic. Idle while the backend is up."""
+        interval_s = max(self._settings.breaker_cooldown_s, MIN_PROBE_INTERVAL_S)
+        while True:
+            await self._backend_down.wait()
+            await asyncio.sleep(interval_s)
+            if self._breaker.closed or not self._breaker.allow():
+                continue  # a request's probe closed it meanwhile, or is still out
+            await self.probe()
+
+    async def probe(self) -> bool:
+        """Ping the backend now and record the outcome (the circuit closes or opens). True if it answered."""
+        try:
+            await self._backend.ping()
+        except BackendError as exc:
+            self._backend_failed("probe", exc)
+            return False
+        self._backend_ok()
+        return True
 
     def _on_released(self, entry: str) -> None:
         for event in self._waiters.get(entry, ()):

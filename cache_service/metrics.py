@@ -63,7 +63,10 @@ class CacheMetrics:
             registry=registry,
         )
         self.backend_errors = Counter(
-            "llmesh_cache_backend_errors_total", "Failed Redis calls", ["op"], registry=registry
+            "llmesh_cache_backend_errors_total",
+            "Failed Redis calls; op: lookup, store or probe",
+            ["op"],
+            registry=registry,
         )
         self.backend_up = Gauge(
             "llmesh_cache_backend_up", "1 while Redis answers, 0 while the cache is bypassed", registry=registry

@@ -1,25 +1,25 @@
 """gRPC wiring of the cache service: builds its dependencies, serves CacheService with health and reflection.
 
 Health: "" is SERVING while the service answers (it answers misses while Redis is down, which is its contract);
-"llmesh.v1.CacheService" follows Redis (NOT_SERVING while the cache is bypassed), for operators and probes.
+"llmesh.v1.CacheService" follows Redis (NOT_SERVING while the cache is bypassed), for operators and probes: it is
+set when the cache's circuit breaker opens or closes, not polled. SIGTERM turns both NOT_SERVING before draining.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from cache_service.config import CacheSettings
-from cache_service.core import Answer, CacheRequest, LookupResult, ResponseCache
+from cache_service.core import Answer, AnswerCache, CacheRequest, LookupResult
 from cache_service.embedding import BatchingEmbedder, MiniLMEncoder
 from cache_service.metrics import CacheMetrics
 from cache_service.store import RedisBackend
 from llmesh import grpc_util
-from llmesh.convert import messages_from_pb, sampling_from_pb, usage_from_pb, usage_to_pb
+from llmesh.convert import messages_from_pb, sampling_from_pb, tier_from_pb, usage_from_pb, usage_to_pb
 from llmesh.errors import InvalidRequest
 from llmesh.metrics import serve_metrics
 from llmesh.v1 import cache_pb2, cache_pb2_grpc
@@ -40,7 +40,7 @@ def request_from_pb(key: cache_pb2.CacheKey) -> CacheRequest:
         raise InvalidRequest("key.sampling is required")
     return CacheRequest(
         key_id=key.key_id,
-        tier=key.tier,
+        tier=tier_from_pb(key.tier, "key.tier").value,
         variant=key.variant,
         messages=tuple(messages_from_pb(key.messages)),
         sampling=sampling_from_pb(key.sampling),
@@ -60,7 +60,7 @@ def lookup_to_pb(result: LookupResult) -> cache_pb2.CacheLookupResponse:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, cache: ResponseCache) -> None:
+    def __init__(self, cache: AnswerCache) -> None:
         self._cache = cache
 
     @grpc_util.unary_errors
@@ -111,18 +111,23 @@ async def serve(settings: CacheSettings) -> None:
     metrics = CacheMetrics(registry)
     backend = RedisBackend.from_url(settings.redis_url, settings.redis_timeout_s)
     embedder = build_embedder(settings, metrics)
-    cache = ResponseCache(backend, settings, metrics, embedder)
-    cache.start()
-
     server = grpc.aio.server(options=grpc_util.server_options())
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(cache), server)
     health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+
+    def report_backend(up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        health_servicer.set(SERVICE_NAME, status)
+
+    cache = AnswerCache(backend, settings, metrics, embedder, on_backend_change=report_backend)
+    cache.start()
+    await cache.probe()  # health starts from Redis' real state (the core logs an outage)
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(cache), server)
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)
     await server.start()
     serve_metrics(registry, settings.host, settings.metrics_port)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_task = asyncio.create_task(_track_backend(cache, health_servicer))
+    report_backend(cache.backend_up)
     log.info(
         "cache listening on %s, redis %s, ttl %.0fs, max %d bytes, semantic %s, metrics port %d",
         address,
@@ -133,19 +138,9 @@ async def serve(settings: CacheSettings) -> None:
         settings.metrics_port,
     )
     await grpc_util.wait_for_shutdown_signal()
-    health_task.cancel()
-    grpc_util.set_serving(health_servicer, [SERVICE_NAME], False)
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever the breaker reports
     await server.stop(grace=10)
     await cache.close()
     if embedder is not None:
         await embedder.close()
     await backend.close()
-
-
-async def _track_backend(cache: ResponseCache, health_servicer: health.HealthServicer) -> None:
-    while True:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if cache.backend_up else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        health_servicer.set(SERVICE_NAME, status)
-        await asyncio.sleep(1.0)

@@ -47,6 +47,10 @@ class IndexRead:
 
 
 class CacheBackend(Protocol):
+    async def ping(self) -> None:
+        """Return if the backend answers; raise BackendError otherwise (the probe while the cache is bypassed)."""
+        ...
+
     async def get(self, entry: str, now_ms: int) -> bytes | None:
         """The entry's value, marking it recently used."""
         ...
@@ -210,6 +214,9 @@ class RedisBackend:
             return await what
         except (TimeoutError, RedisError, OSError) as exc:
             raise BackendError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
 
     async def get(self, entry: str, now_ms: int) -> bytes | None:
         value = await self._call(self._get(keys=[entry, LRU_KEY], args=[now_ms]))

@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from llmesh.apikeys import KEY_PREFIX, REDIS_KEY, hash_key, key_id_for
+from llmesh.convert import tier_from_pb, tier_to_pb
+from llmesh.types import Tier
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 
 
@@ -48,7 +50,7 @@ def format_status(status: limiter_pb2.QuotaStatus, now_s: float | None = None) -
     now_ms = (now_s if now_s is not None else time.time()) * 1000
     store = "Redis DOWN: showing this limiter's local view" if status.degraded else "Redis ok"
     lines = [
-        f"key {status.key_id} ({status.tier} tier), budget {status.subject}; {store}; "
+        f"key {status.key_id} ({tier_from_pb(status.tier).value} tier), budget {status.subject}; {store}; "
         f"on store failure: {status.on_store_failure}",
         f"  {'limit':<20} {'max':>10} {'remaining':>10}  resets",
     ]
@@ -65,7 +67,12 @@ async def quota_command(action: str, key: str, tier: str | None, limiter_url: st
     except QuotaAdminError as exc:
         print(f"llmesh: {exc}", file=sys.stderr)
         return 1
-    request = limiter_pb2.GetQuotaRequest(key_id=key_id, tier=tier_name)
+    try:
+        tier_pb = tier_to_pb(Tier(tier_name))
+    except ValueError:
+        print(f"llmesh: key {key_id} has an unknown tier {tier_name!r}", file=sys.stderr)
+        return 1
+    request = limiter_pb2.GetQuotaRequest(key_id=key_id, tier=tier_pb)
     async with grpc.aio.insecure_channel(limiter_url) as channel:
         stub = limiter_pb2_grpc.LimiterServiceStub(channel)
         try:

@@ -1,8 +1,9 @@
 """The limiter's decisions: policy -> one atomic store check -> answer. No gRPC here.
 
 Two stores: the shared one (Redis) and this process's own (`MemoryQuotaStore`). Every call to the shared store is
-bounded by a short timeout and goes through a circuit breaker; while it is down, each tier does what its
-`on_store_failure` says: decide with the local store ("open") or refuse with Unavailable ("closed").
+bounded by a short timeout and goes through a circuit breaker (llmesh/breaker.py); while it is down, each tier does
+what its `on_store_failure` says: decide with the local store ("open") or refuse with Unavailable ("closed").
+Requests never probe a down store (a probe could cost a timeout): `watch_store` does, on a timer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-from limiter_service.breaker import CircuitBreaker
 from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import FailureMode, Limits, Policy, PolicySource
@@ -37,6 +37,7 @@ from limiter_service.store import (
     WindowState,
 )
 from llmesh.apikeys import hash_key, key_id_for, parse_bearer
+from llmesh.breaker import BreakerState, CircuitBreaker
 from llmesh.errors import InvalidRequest, PermissionDenied, Unauthenticated, Unavailable
 from llmesh.types import Tier
 
@@ -166,8 +167,10 @@ class Limiter:
         store: QuotaStore,
         *,
         local: MemoryQuotaStore | None = None,
-        breaker: CircuitBreaker | None = None,
         metrics: LimiterMetrics | None = None,
+        breaker_failures: int = 3,
+        open_at_start: bool = False,
+        on_store_change: Callable[[bool], None] | None = None,
         store_timeout_s: float | None = 0.1,
         lease_s: float = 600.0,
         clock: Callable[[], float] = time.time,
@@ -180,8 +183,19 @@ class Limiter:
         self._loop_monitor = loop_monitor
         self._store = store
         self._local = local or MemoryQuotaStore()
-        self.breaker = breaker or CircuitBreaker()
         self._metrics = metrics
+        # Called with True / False when the store comes back / goes down (the server's health follows it).
+        self._on_store_change = on_store_change
+        self._store_up: bool | None = None  # None until the breaker first reports
+        self._breaker_threshold = breaker_failures
+        # `breaker_failures` consecutive failures open the circuit. The cooldown is unused: requests check
+        # `closed` and never `allow()`, and watch_store probes on its own timer.
+        self._breaker = CircuitBreaker(
+            cooldown_s=0.0,
+            failure_threshold=breaker_failures,
+            open_at_start=open_at_start,
+            on_change=self._breaker_changed,
+        )
         self._timeout_s = store_timeout_s
         self._lease_ms = int(lease_s * 1000)
         self._clock = clock
@@ -190,12 +204,11 @@ class Limiter:
         # Settlements that could not reach the store; replayed when it answers again (with the time they happened,
         # so a lease that had not expired then still refunds).
         self._pending: collections.deque[tuple[str, str, int, int]] = collections.deque(maxlen=max_pending_settlements)
-        if metrics is not None:
-            metrics.redis_degraded.set(1 if self.breaker.open else 0)
 
     @property
     def degraded(self) -> bool:
-        return self.breaker.open
+        """True while the circuit is open: decisions follow each tier's on_store_failure."""
+        return not self._breaker.closed
 
     @property
     def pending_settlements(self) -> int:
@@ -210,18 +223,30 @@ class Limiter:
 
     # --- the shared store, bounded and behind the breaker -------------------------------------------------------
 
+    def _breaker_changed(self, state: BreakerState, reason: str) -> None:
+        """The breaker's on_change: the one place that logs, counts and reports the store going down and back."""
+        up, was_up = state is BreakerState.CLOSED, self._store_up
+        self._store_up = up
+        if up:
+            log.warning("quota store answers again: circuit closed")
+        elif was_up is None:
+            log.info("quota store not probed yet: circuit open until it answers")
+        else:
+            log.error("quota store failed %d times in a row, circuit open: %s", self._breaker_threshold, reason)
+        if self._metrics is not None:
+            self._metrics.redis_degraded.set(0 if up else 1)
+        if self._on_store_change is not None:
+            self._on_store_change(up)
+
     def _store_failed(self, exc: BaseException) -> None:
-        was_open = self.breaker.open
-        self.breaker.record_failure(f"{type(exc).__name__}: {exc}")
         if self._metrics is not None:
             self._metrics.redis_errors.inc()
-            if self.breaker.open and not was_open:
-                self._metrics.redis_degraded.set(1)
+        self._breaker.record_failure(f"{type(exc).__name__}: {exc}")
 
     async def _remote(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run one store call with the timeout; raise StoreUnavailable without calling while the circuit is open."""
-        if self.breaker.open:
-            raise StoreUnavailable(f"circuit open: {self.breaker.last_error}")
+        if not self._breaker.closed:
+            raise StoreUnavailable(f"circuit open: {self._breaker.last_error}")
         try:
             if self._timeout_s is None:  # the store bounds its own calls (socket timeouts, no retries)
                 result = await call()
@@ -231,7 +256,7 @@ class Limiter:
         except (StoreUnavailable, TimeoutError) as exc:
             self._store_failed(exc)
             raise StoreUnavailable(str(exc) or "timed out") from exc
-        self.breaker.record_success()
+        self._breaker.record_success()
         return result
 
     async def probe_store(self) -> bool:
@@ -240,11 +265,9 @@ class Limiter:
             async with asyncio.timeout(max(self._timeout_s or 0.0, 0.5)):
                 await self._store.ping()
         except (StoreUnavailable, TimeoutError) as exc:
-            self.breaker.record_failure(f"{type(exc).__name__}: {exc}")
+            self._breaker.record_failure(f"{type(exc).__name__}: {exc}")
             return False
-        self.breaker.record_success()
-        if self._metrics is not None:
-            self._metrics.redis_degraded.set(0)
+        self._breaker.record_success()
         await self._replay_settlements()
         return True
 
@@ -252,7 +275,7 @@ class Limiter:
         """Background task: while the circuit is open, probe until the store answers; while it is closed, ping too,
         so health shows an outage even when no traffic comes; replay pending settlements; sweep local state."""
         while True:
-            if self.breaker.open:
+            if not self._breaker.closed:
                 await self.probe_store()
             else:
                 with contextlib.suppress(StoreUnavailable):
@@ -263,7 +286,7 @@ class Limiter:
             await asyncio.sleep(interval_s)
 
     async def _replay_settlements(self) -> None:
-        while self._pending and not self.breaker.open:
+        while self._pending and self._breaker.closed:
             subject, member, used, at_ms = self._pending[0]
             try:
                 await self._remote(lambda: self._store.settle(subject, member, used, at_ms))  # noqa: B023
@@ -281,8 +304,8 @@ class Limiter:
         failure: BaseException | None = None
         monitor = self._loop_monitor
         for attempt in range(_STALL_RETRIES + 1):
-            if self.breaker.open:
-                failure = StoreUnavailable(f"circuit open: {self.breaker.last_error}")
+            if not self._breaker.closed:
+                failure = StoreUnavailable(f"circuit open: {self._breaker.last_error}")
                 break
             started = monitor.now() if monitor is not None else 0.0
             try:
@@ -301,7 +324,7 @@ class Limiter:
                 self._store_failed(exc)
                 break
             else:
-                self.breaker.record_success()
+                self._breaker.record_success()
                 return state, REMOTE
         if mode is FailureMode.CLOSED:
             raise Unavailable(

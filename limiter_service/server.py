@@ -2,7 +2,8 @@
 (envoy.service.ratelimit.v3) with health, reflection and Prometheus metrics.
 
 Health: "" and both services are SERVING while the limiter answers, also while Redis is down (each tier then does
-what its on_store_failure says); the health entry "redis" is SERVING only while Redis answers (circuit closed).
+what its on_store_failure says); the health entry "redis" is SERVING only while Redis answers (circuit closed). It
+is set when the circuit opens or closes, not polled. SIGTERM turns every entry NOT_SERVING before draining.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import logging
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
-from limiter_service.breaker import CircuitBreaker
 from limiter_service.config import LimiterSettings
 from limiter_service.core import Decision, Limiter, QuotaStatus, QuotaView
 from limiter_service.loop_lag import LoopLagMonitor
@@ -24,6 +24,7 @@ from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import DEFAULT_POLICY_FILE, PolicySource
 from limiter_service.redis_store import RedisQuotaStore, connect
 from llmesh import grpc_util
+from llmesh.convert import tier_from_pb, tier_to_pb
 from llmesh.logs import REQUEST_ID
 from llmesh.metrics import serve_metrics
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
@@ -45,7 +46,7 @@ def _quotas_pb(views: tuple[QuotaView, ...]) -> list[limiter_pb2.QuotaState]:
 def _status_pb(s: QuotaStatus) -> limiter_pb2.QuotaStatus:
     return limiter_pb2.QuotaStatus(
         key_id=s.key_id,
-        tier=s.tier.value,
+        tier=tier_to_pb(s.tier),
         subject=s.subject,
         quotas=_quotas_pb(s.quotas),
         active_reservations=s.active,
@@ -76,7 +77,7 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
     ) -> limiter_pb2.ReserveResponse:
         REQUEST_ID.set(request.request_id)  # so a refusal's log line carries the gateway's request id
         decision = await self._limiter.reserve(
-            request.key_id, request.tier, request.prompt_tokens, request.max_tokens, request.nonce
+            request.key_id, tier_from_pb(request.tier).value, request.prompt_tokens, request.max_tokens, request.nonce
         )
         return _decision_pb(decision)
 
@@ -91,13 +92,13 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
     async def GetQuota(
         self, request: limiter_pb2.GetQuotaRequest, context: grpc.aio.ServicerContext
     ) -> limiter_pb2.QuotaStatus:
-        return _status_pb(await self._limiter.status(request.key_id, request.tier))
+        return _status_pb(await self._limiter.status(request.key_id, tier_from_pb(request.tier).value))
 
     @grpc_util.unary_errors
     async def ResetQuota(
         self, request: limiter_pb2.GetQuotaRequest, context: grpc.aio.ServicerContext
     ) -> limiter_pb2.QuotaStatus:
-        status = await self._limiter.reset(request.key_id, request.tier)
+        status = await self._limiter.reset(request.key_id, tier_from_pb(request.tier).value)
         log.info("quota reset for %s (%s)", status.subject, status.tier.value)
         return _status_pb(status)
 
@@ -135,26 +136,27 @@ async def _reload_policy(policy: PolicySource, metrics: LimiterMetrics, interval
             metrics.policy_reloads.labels("applied" if result else "refused").inc()
 
 
-async def _track_redis_health(limiter: Limiter, health_servicer: health.HealthServicer, interval_s: float) -> None:
-    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    while True:
-        health_servicer.set(REDIS_HEALTH, not_serving if limiter.degraded else serving)
-        await asyncio.sleep(interval_s)
-
-
 async def serve(settings: LimiterSettings) -> None:
     policy = PolicySource(settings.policy_file or DEFAULT_POLICY_FILE)
     registry = CollectorRegistry()
     metrics = LimiterMetrics(registry)
     store = RedisQuotaStore(connect(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s))
-    # Open until the first probe answers: a limiter started while Redis is down serves at once, per policy.
-    breaker = CircuitBreaker(settings.breaker_failures, open_at_start=True)
+    server = grpc.aio.server(options=grpc_util.server_options())
+    health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME, RLS_SERVICE_NAME])
+
+    def report_redis(up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        health_servicer.set(REDIS_HEALTH, status)
+
     loop_monitor = LoopLagMonitor()
     limiter = Limiter(
         policy,
         store,
-        breaker=breaker,
         metrics=metrics,
+        breaker_failures=settings.breaker_failures,
+        # Open until the first probe answers: a limiter started while Redis is down serves at once, per policy.
+        open_at_start=True,
+        on_store_change=report_redis,
         # A single Redis client bounds each call by its socket timeouts (no retries); a Cluster client may walk
         # several nodes, so the limiter bounds the whole call.
         store_timeout_s=settings.redis_timeout_s if settings.redis_cluster else None,
@@ -164,19 +166,18 @@ async def serve(settings: LimiterSettings) -> None:
     if not await limiter.probe_store():
         log.error("Redis at %s does not answer; serving in degraded mode until it does", settings.redis_url)
 
-    server = grpc.aio.server(options=grpc_util.server_options())
     limiter_pb2_grpc.add_LimiterServiceServicer_to_server(LimiterServicer(limiter), server)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
-    health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME, RLS_SERVICE_NAME])
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)
     serve_metrics(registry, settings.host, settings.metrics_port)
     await server.start()
+    # The background work, cancelled and awaited on shutdown. watch_store is the one place Redis is probed (and
+    # pinged while up, so an outage shows without traffic); health follows the circuit through report_redis.
     tasks = [
         asyncio.create_task(loop_monitor.run()),
         asyncio.create_task(limiter.watch_store(settings.breaker_probe_s)),
         asyncio.create_task(_reload_policy(policy, metrics, settings.policy_reload_s)),
-        asyncio.create_task(_track_redis_health(limiter, health_servicer, min(settings.breaker_probe_s, 0.5))),
     ]
     grpc_util.set_serving(health_servicer, [SERVICE_NAME, RLS_SERVICE_NAME], True)
     log.info(
@@ -188,7 +189,7 @@ async def serve(settings: LimiterSettings) -> None:
         settings.metrics_port or "off",
     )
     await grpc_util.wait_for_shutdown_signal()
-    grpc_util.set_serving(health_servicer, [SERVICE_NAME, RLS_SERVICE_NAME], False)
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever the circuit does while draining
     await server.stop(grace=5)
     for task in tasks:
         task.cancel()

@@ -2,7 +2,13 @@
 `cooldown_s`; then one caller probes it (half-open) while the others keep skipping; the probe's outcome closes
 or re-opens the circuit. An outage then costs a request microseconds instead of a timeout.
 
-The clock is injected (tests step it); `on_change` is called on every state change (health, metrics, logs).
+The clock is injected (tests step it); `on_change` is called on every state change (health, metrics, logs),
+also from the constructor when the breaker starts open.
+
+Two ways to probe. A caller that may pay for a probe asks `allow()`: after the cooldown the first one to ask is the
+probe. A caller that must never pay for one (a hot path with a latency budget) checks `closed` instead and leaves
+probing to a background task, which calls the dependency and reports with `record_success` / `record_failure`
+directly: from open, a success closes the circuit and a failure keeps it open (no transition, no `on_change`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Triton replicas behind one router: least-outstanding choice, ejection on failure, re-admission on recovery.
 
-Plain logic with the replica transport behind a Protocol; the health loop and Triton client live elsewhere.
+Plain logic with the replica transport behind a Protocol; the probe timer and Triton client live elsewhere.
+`on_healthy_change(count)` is called whenever the number of healthy replicas changes (the server's health follows it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,11 +50,17 @@ class ReplicaState:
 
 
 class ReplicaPool:
-    def __init__(self, replicas: Iterable[ReplicaState], eject_after_failures: int = 1) -> None:
+    def __init__(
+        self,
+        replicas: Iterable[ReplicaState],
+        eject_after_failures: int = 1,
+        on_healthy_change: Callable[[int], None] | None = None,
+    ) -> None:
         self.states = list(replicas)
         if not self.states:
             raise ValueError("at least one Triton replica is needed")
         self._eject_after = eject_after_failures
+        self._on_healthy_change = on_healthy_change
         self._turn = 0
 
     def pick(self, tier: Tier, variant: str, exclude: set[str]) -> ReplicaState | None:
@@ -73,8 +80,10 @@ class ReplicaPool:
         failures = state.consecutive_failures.get(variant, 0) + 1
         state.consecutive_failures[variant] = failures
         if variant not in state.down and failures >= self._eject_after:
+            healthy = self.healthy_count()
             state.down.add(variant)
             log.warning("ejected %s on replica %s: %s", variant, state.name, reason)
+            self._healthy_changed(healthy)
 
     def record_success(self, state: ReplicaState, variant: str) -> None:
         state.consecutive_failures[variant] = 0
@@ -85,11 +94,19 @@ class ReplicaPool:
             for variant in variants:
                 if await state.replica.ready(variant):
                     if variant in state.down:
-                        log.info("re-admitted %s on replica %s", variant, state.name)
+                        healthy = self.healthy_count()
                         state.down.discard(variant)
+                        log.info("re-admitted %s on replica %s", variant, state.name)
+                        self._healthy_changed(healthy)
                     state.consecutive_failures[variant] = 0
                 else:
                     self.record_failure(state, variant, "health check: not ready or unreachable")
 
     def healthy_count(self) -> int:
+        """Replicas with no variant ejected."""
         return sum(1 for s in self.states if s.healthy)
+
+    def _healthy_changed(self, before: int) -> None:
+        after = self.healthy_count()
+        if after != before and self._on_healthy_change is not None:
+            self._on_healthy_change(after)

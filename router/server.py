@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from llmesh import grpc_util
-from llmesh.convert import messages_from_pb, route_from_pb, route_to_pb, sampling_from_pb, usage_to_pb
-from llmesh.errors import InvalidRequest
+from llmesh.convert import (
+    messages_from_pb,
+    prepared_from_pb,
+    prepared_to_pb,
+    route_to_pb,
+    sampling_from_pb,
+    tier_from_pb,
+    tiers_to_pb,
+    usage_to_pb,
+)
 from llmesh.metrics import serve_metrics
-from llmesh.types import Tier
 from llmesh.v1 import router_pb2, router_pb2_grpc
 from router.config import RouterSettings
 from router.load import LoadTracker
@@ -32,24 +40,23 @@ SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 def load_variants(repository: Path) -> dict[str, Variant]:
     """Every model in the Triton repository that the builder wrote llmesh metadata for."""
-    from llmesh.model_artifact import ChatTokenizer
+    from llmesh.model_artifact import TOKENIZER_FILE, ChatTokenizer
 
     variants: dict[str, Variant] = {}
     for meta in sorted(repository.glob("*/1/llmesh_model.json")):
         version_dir = meta.parent
         name = version_dir.parent.name
         tokenizer = ChatTokenizer.from_model_dir(version_dir)
-        variants[name] = Variant(name=name, description=f"{name} on Triton", tokenizer=tokenizer)
+        # What decides a chat's ids: the tokenizer file, the chat template and the special tokens it renders.
+        rendering = (tokenizer.metadata.chat_template, tokenizer.metadata.bos_token, tokenizer.metadata.eos_token)
+        digest = hashlib.sha256((version_dir / TOKENIZER_FILE).read_bytes())
+        digest.update(json.dumps(rendering).encode())
+        variants[name] = Variant(
+            name=name, description=f"{name} on Triton", tokenizer=tokenizer, tokenizer_id=digest.hexdigest()
+        )
     if not variants:
         raise SystemExit(f"no llmesh model variants under {repository}; build them with `llmesh build`")
     return variants
-
-
-def _tier(name: str) -> Tier:
-    try:
-        return Tier(name)
-    except ValueError as exc:
-        raise InvalidRequest(f"unknown tier {name!r}") from exc
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -61,12 +68,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.PrepareResponse:
         prepared = self._router.prepare(
-            _tier(request.tier), request.model, messages_from_pb(request.messages), sampling_from_pb(request.sampling)
-        )
+            tier_from_pb(request.tier), request.model, messages_from_pb(request.messages),
+            sampling_from_pb(request.sampling),
+        )  # fmt: skip
         return router_pb2.PrepareResponse(
-            route=route_to_pb(prepared.route),
-            prompt_tokens=len(prepared.input_ids),
-            context_length=prepared.context_length,
+            prepared=prepared_to_pb(prepared), context_length=self._router.context_length(prepared.route.variant)
         )
 
     @grpc_util.stream_errors
@@ -75,11 +81,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
         events = self._router.generate(
             request_id=request.request_id,
-            tier=_tier(request.tier),
+            tier=tier_from_pb(request.tier),
             model=request.model,
             messages=messages_from_pb(request.messages),
             sampling=sampling_from_pb(request.sampling),
-            route=route_from_pb(request.route) if request.HasField("route") else None,
+            prepared=prepared_from_pb(request.prepared) if request.HasField("prepared") else None,
         )
         async for event in events:
             chunk = router_pb2.GenerateChunk(delta=event.delta, finish_reason=event.finish_reason)
@@ -96,7 +102,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ListVariantsResponse(
             variants=[
                 router_pb2.Variant(
-                    name=v.name, description=v.description, context_length=v.context_length, tiers=list(v.tiers)
+                    name=v.name, description=v.description, context_length=v.context_length, tiers=tiers_to_pb(v.tiers)
                 )
                 for v in self._router.list_variants()
             ]
@@ -109,41 +115,47 @@ async def serve(settings: RouterSettings) -> None:
     variants = load_variants(settings.model_repository)
     policy = load_policy(settings.policy_file, list(variants), settings.default_variant)
     shared_urls, dedicated_urls = settings.replica_urls()
+    server = grpc.aio.server(options=grpc_util.server_options())
+    health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+
+    def report_replicas(healthy: int) -> None:
+        """SERVING while at least one replica has no variant ejected."""
+        grpc_util.set_serving(health_servicer, [SERVICE_NAME], healthy > 0)
+
     replicas = [TritonReplica(url, settings.generate_timeout_s) for url in shared_urls + dedicated_urls]
-    pool = ReplicaPool(ReplicaState(replica, dedicated=replica.name in dedicated_urls) for replica in replicas)
+    pool = ReplicaPool(
+        (ReplicaState(replica, dedicated=replica.name in dedicated_urls) for replica in replicas),
+        on_healthy_change=report_replicas,
+    )
     load = LoadTracker()
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry, pool, load, list(policy.variants))
     router = Router(variants, policy, pool, load=load, observer=observer)
     serve_metrics(registry, settings.host, settings.metrics_port)
 
-    server = grpc.aio.server(options=grpc_util.server_options())
     router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
-    health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)
     await pool.probe(list(variants))
     await server.start()
-    health_task = asyncio.create_task(
-        _check_replicas(pool, list(variants), health_servicer, settings.health_interval_s)
-    )
+    report_replicas(pool.healthy_count())
+    probes = asyncio.create_task(_probe_replicas(pool, list(variants), settings.health_interval_s))
     log.info(
         "router listening on %s, variants %s (smallest first), replicas %s, dedicated %s",
         address, list(policy.variants), shared_urls, dedicated_urls,
     )  # fmt: skip
     await grpc_util.wait_for_shutdown_signal()
-    health_task.cancel()
-    grpc_util.set_serving(health_servicer, [SERVICE_NAME], False)
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever the pool reports while draining
+    probes.cancel()
+    await asyncio.gather(probes, return_exceptions=True)
     await server.stop(grace=10)
     for replica in replicas:
         await replica.close()
 
 
-async def _check_replicas(
-    pool: ReplicaPool, variants: list[str], health: health.HealthServicer, interval_s: float
-) -> None:
-    """Active health checks; the router is SERVING while at least one replica serves every variant."""
+async def _probe_replicas(pool: ReplicaPool, variants: list[str], interval_s: float) -> None:
+    """Active probes on a timer, the one place Triton is probed: eject what stopped answering, re-admit what
+    recovered. Requests eject too; health follows the pool's healthy count (on_healthy_change), not this loop."""
     while True:
-        grpc_util.set_serving(health, [SERVICE_NAME], pool.healthy_count() > 0)
         await asyncio.sleep(interval_s)
         await pool.probe(variants)

@@ -152,7 +152,7 @@ def start_gateway(mesh: RunningMesh, cache_url: str, log_dir: Path) -> SideGatew
     port = free_port()
     argv = [
         sys.executable, "-m", "gateway", "--port", str(port),
-        "--router-url", f"127.0.0.1:{mesh.settings.router_port}", "--redis-url", mesh.redis_url,
+        "--router-url", f"127.0.0.1:{mesh.settings.router.port}", "--redis-url", mesh.redis_url,
         "--cache-url", cache_url, "--metrics-port", "0",
     ]  # fmt: skip
     process = ManagedProcess("gateway", argv, log_dir / f"gateway-{port}.log").start()

@@ -21,7 +21,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from cache_service.config import CacheSettings
-from cache_service.core import Answer, CacheRequest, ResponseCache
+from cache_service.core import Answer, AnswerCache, CacheRequest
 from cache_service.keys import BYTES_KEY
 from cache_service.metrics import CacheMetrics
 from cache_service.store import RedisBackend
@@ -47,7 +47,7 @@ def req(key_id: str, text: str = "What is the capital of France?") -> CacheReque
 def make(redis_url: str, settings: CacheSettings = SETTINGS, **kw):  # type: ignore[no-untyped-def]
     backend = RedisBackend.from_url(redis_url, settings.redis_timeout_s)
     registry = CollectorRegistry()
-    return ResponseCache(backend, settings, CacheMetrics(registry), **kw), backend, registry
+    return AnswerCache(backend, settings, CacheMetrics(registry), **kw), backend, registry
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_redis_down_bypasses_fast_and_recovers(private_redis: tuple[str, Managed
 def test_cache_service_over_grpc(cache_server: CacheServer) -> None:
     key = cache_pb2.CacheKey(
         key_id=new_key_id(),
-        tier="paid",
+        tier=common_pb2.TIER_PAID,
         variant="small",
         messages=[common_pb2.ChatMessage(role="user", content="hello")],
         sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0.0),
@@ -222,29 +222,31 @@ def test_cache_service_over_grpc(cache_server: CacheServer) -> None:
 
 
 def test_gateway_adapter_round_trip_and_bypass(cache_server: CacheServer) -> None:
-    from gateway.caching import GrpcResponseCache
+    from gateway.caching import GrpcCacheClient
     from gateway.pipeline import CachedAnswer
-    from llmesh.types import ChatRequest, Principal, RouteInfo, Tier
+    from llmesh.types import ChatRequest, Principal, RouteInfo, RouteKind, Tier
 
     principal = Principal(new_key_id(), Tier.PAID)
-    route = RouteInfo("small", "tier default")
+    route = RouteInfo("small", "tier default", RouteKind.TIER_DEFAULT)
     request = ChatRequest("auto", (ChatMessage("user", "hi"),), GREEDY)
     answer = CachedAnswer(("Hi", " there"), "stop", Usage(4, 2))
 
     async def scenario() -> None:
-        cache = GrpcResponseCache(cache_server.target)
-        assert await cache.lookup(principal, route, request) is None
-        await cache.store(principal, route, request, answer)
+        cache = GrpcCacheClient(cache_server.target)
+        miss = await cache.lookup(principal, route, request)
+        assert miss.answer is None and miss.store and miss.flight_token
+        await cache.store(principal, route, request, miss, answer)
         hit = await cache.lookup(principal, route, request)
-        assert hit == CachedAnswer(("Hi", " there"), "stop", Usage(4, 2), "exact")
+        assert hit.answer == CachedAnswer(("Hi", " there"), "stop", Usage(4, 2), "exact") and not hit.store
         await cache.close()
 
         # Nothing listening: a miss at once, and the breaker keeps later calls off the network.
-        dead = GrpcResponseCache(f"127.0.0.1:{free_port()}", timeout_s=0.25, cooldown_s=30)
+        dead = GrpcCacheClient(f"127.0.0.1:{free_port()}", timeout_s=0.25, cooldown_s=30)
         started = time.monotonic()
         for _ in range(10):
-            assert await dead.lookup(principal, route, request) is None
-            await dead.store(principal, route, request, answer)
+            bypassed = await dead.lookup(principal, route, request)
+            assert bypassed.answer is None and not bypassed.store
+            await dead.store(principal, route, request, bypassed, answer)
         assert time.monotonic() - started < 2.0
         await dead.close()
 

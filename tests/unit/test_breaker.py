@@ -76,3 +76,25 @@ def test_rejects_bad_arguments() -> None:
         CircuitBreaker(cooldown_s=1.0, failure_threshold=0)
     with pytest.raises(ValueError):
         CircuitBreaker(cooldown_s=-1.0)
+
+
+def test_open_at_start_reports_the_initial_state() -> None:
+    changes: list[tuple[BreakerState, str]] = []
+    CircuitBreaker(cooldown_s=1.0, clock=Clock(), open_at_start=True, on_change=lambda s, r: changes.append((s, r)))
+    assert changes == [(BreakerState.OPEN, "open at start")]
+
+
+def test_background_probe_reports_without_allow() -> None:
+    # The limiter's pattern: requests only check `closed`; a background task probes and reports directly.
+    changes: list[BreakerState] = []
+    breaker = CircuitBreaker(cooldown_s=0.0, failure_threshold=3, clock=Clock(), open_at_start=True,
+                             on_change=lambda s, _: changes.append(s))  # fmt: skip
+    breaker.record_failure("refused")
+    breaker.record_failure("refused again")
+    assert breaker.state is BreakerState.OPEN and breaker.last_error == "refused again"
+    breaker.record_success()
+    assert breaker.closed
+    assert changes == [BreakerState.OPEN, BreakerState.CLOSED] and breaker.transitions == 2
+    breaker.record_failure("x")
+    breaker.record_failure("y")
+    assert breaker.closed  # the count started again after the success

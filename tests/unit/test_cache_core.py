@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cache_service.config import CacheSettings
-from cache_service.core import Answer, CacheRequest, ResponseCache
+from cache_service.core import Answer, AnswerCache, CacheRequest
 from cache_service.metrics import CacheMetrics
 from llmesh.types import ChatMessage, SamplingParams, Usage
 from tests.fixtures.cache import FakeClock, MemoryBackend, WordEmbedder
@@ -36,7 +36,7 @@ def make(settings: CacheSettings = SETTINGS, **kw):  # type: ignore[no-untyped-d
     backend = kw.pop("backend", None) or MemoryBackend()
     clock = kw.pop("clock", None) or FakeClock()
     registry = CollectorRegistry()
-    cache = ResponseCache(backend, settings, CacheMetrics(registry), clock=clock, **kw)
+    cache = AnswerCache(backend, settings, CacheMetrics(registry), clock=clock, **kw)
     return cache, backend, clock, registry
 
 
@@ -252,6 +252,48 @@ def test_backend_down_bypasses_without_touching_it_until_the_cooldown() -> None:
     run(scenario())
 
 
+def test_backend_changes_are_reported_once_each_way() -> None:
+    async def scenario() -> None:
+        monotonic = FakeClock(0.0)
+        reports: list[bool] = []
+        cache, backend, _, _ = make(monotonic=monotonic, on_backend_change=reports.append)
+        backend.down = True
+        await cache.lookup(req())
+        monotonic.advance(SETTINGS.breaker_cooldown_s)
+        await cache.lookup(req())  # a failed probe: open -> half-open -> open, still down
+        assert reports == [False]
+        backend.down = False
+        monotonic.advance(SETTINGS.breaker_cooldown_s)
+        await cache.lookup(req())
+        assert reports == [False, True]
+
+    run(scenario())
+
+
+def test_a_down_backend_is_probed_in_the_background_and_recovers_without_traffic() -> None:
+    async def scenario() -> None:
+        settings = dataclasses.replace(SETTINGS, breaker_cooldown_s=0.05)
+        reports: list[bool] = []
+        cache, backend, _, registry = make(settings, monotonic=time.monotonic, on_backend_change=reports.append)
+        cache.start()
+        backend.down = True
+        assert not await cache.probe()
+        assert reports == [False] and metric(registry, "llmesh_cache_backend_up") == 0
+        await asyncio.sleep(0.3)
+        assert not cache.backend_up
+        calls = backend.calls
+        assert calls >= 2, "probed again while down"
+        backend.down = False
+        await asyncio.sleep(0.3)
+        assert cache.backend_up and reports == [False, True] and metric(registry, "llmesh_cache_backend_up") == 1
+        calls = backend.calls
+        await asyncio.sleep(0.2)
+        assert backend.calls == calls, "no probes while the backend is up"
+        await cache.close()
+
+    run(scenario())
+
+
 def test_semantic_hit_needs_the_same_bucket_and_the_threshold() -> None:
     async def scenario() -> None:
         embedder = WordEmbedder()
@@ -283,7 +325,7 @@ def test_the_same_request_stored_while_it_was_embedded_is_an_exact_hit() -> None
     class StoringEmbedder(WordEmbedder):
         def __init__(self) -> None:
             super().__init__()
-            self.cache: ResponseCache | None = None
+            self.cache: AnswerCache | None = None
 
         async def embed(self, text: str):  # type: ignore[no-untyped-def]
             vector = await super().embed(text)

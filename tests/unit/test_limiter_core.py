@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from limiter_service.breaker import CircuitBreaker
 from limiter_service.core import Limiter
 from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
@@ -91,7 +90,7 @@ def make(tmp_path: Path, text: str = POLICY) -> tuple[Limiter, FlakyStore, Clock
     limiter = Limiter(
         PolicySource(path),
         store,
-        breaker=CircuitBreaker(3),
+        breaker_failures=3,
         metrics=LimiterMetrics(registry),
         store_timeout_s=0.02,
         lease_s=60,
@@ -275,7 +274,7 @@ def test_timeouts_while_the_loop_is_stalled_are_retried_not_counted(tmp_path: Pa
     path.write_text(POLICY)
     store, registry, monitor = StalledStore(stalls), CollectorRegistry(), LoopLagMonitor(period_s=0.005, late_s=0.02)
     limiter = Limiter(
-        PolicySource(path), store, breaker=CircuitBreaker(1), metrics=LimiterMetrics(registry), loop_monitor=monitor
+        PolicySource(path), store, breaker_failures=1, metrics=LimiterMetrics(registry), loop_monitor=monitor
     )
 
     async def main() -> None:
@@ -301,7 +300,7 @@ def test_timeouts_on_an_idle_loop_count_against_the_store(tmp_path: Path) -> Non
     path.write_text(POLICY)
     store, monitor = FlakyStore(), LoopLagMonitor(period_s=0.005, late_s=0.02)
     store.mode = "down"
-    limiter = Limiter(PolicySource(path), store, breaker=CircuitBreaker(1), loop_monitor=monitor)
+    limiter = Limiter(PolicySource(path), store, breaker_failures=1, loop_monitor=monitor)
 
     async def main() -> None:
         ticker = asyncio.create_task(monitor.run())
@@ -312,6 +311,67 @@ def test_timeouts_on_an_idle_loop_count_against_the_store(tmp_path: Path) -> Non
             assert store.calls == 1 and limiter.degraded
         finally:
             ticker.cancel()
+
+    asyncio.run(main())
+
+
+def test_open_at_start_serves_per_policy_and_reports_each_change(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store, registry = FlakyStore(), CollectorRegistry()
+    reports: list[bool] = []
+    limiter = Limiter(
+        PolicySource(path),
+        store,
+        metrics=LimiterMetrics(registry),
+        open_at_start=True,
+        on_store_change=reports.append,
+        store_timeout_s=0.02,
+    )
+    assert limiter.degraded and reports == [False] and metric(registry, "llmesh_limiter_redis_degraded") == 1
+
+    async def main() -> None:
+        assert (await limiter.reserve("p1", "paid", 1, 1)).degraded
+        assert store.calls == 0, "requests never probe"
+        assert await limiter.probe_store()
+        assert reports == [False, True] and metric(registry, "llmesh_limiter_redis_degraded") == 0
+        store.mode = "down"
+        for _ in range(3):  # the default threshold
+            await limiter.reserve("p1", "paid", 1, 1)
+        assert reports == [False, True, False] and limiter.degraded
+        assert not await limiter.probe_store()
+        assert reports == [False, True, False], "a failed probe is no change"
+
+    asyncio.run(main())
+
+
+def test_watch_store_notices_an_outage_without_traffic_and_probes_until_it_ends(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store = FlakyStore()
+    reports: list[bool] = []
+    limiter = Limiter(PolicySource(path), store, on_store_change=reports.append, store_timeout_s=0.02)
+
+    async def main() -> None:
+        watcher = asyncio.create_task(limiter.watch_store(0.01))
+        try:
+            await asyncio.sleep(0.05)
+            assert reports == [] and not limiter.degraded
+            store.mode = "down"
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if limiter.degraded:
+                    break
+            assert reports == [False]
+            store.mode = "up"
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if not limiter.degraded:
+                    break
+            assert reports == [False, True]
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
     asyncio.run(main())
 

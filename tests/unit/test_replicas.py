@@ -64,3 +64,16 @@ def test_dedicated_replicas_only_for_enterprise() -> None:
     # Enterprise spills onto shared capacity when its own is gone; the others never take dedicated capacity.
     assert p.pick(Tier.ENTERPRISE, "v", {"dedicated"}).name == "shared"  # type: ignore[union-attr]
     assert p.pick(Tier.FREE, "v", {"shared"}) is None
+
+
+def test_healthy_count_changes_are_reported_once_each() -> None:
+    counts: list[int] = []
+    p = ReplicaPool((ReplicaState(FakeReplica(n)) for n in ("a", "b")), on_healthy_change=counts.append)
+    a, b = p.states
+    p.record_failure(a, "v", "boom")
+    p.record_failure(a, "w", "boom")  # a is already out of the count: no change
+    p.record_failure(b, "v", "boom")
+    assert counts == [1, 0]
+    b.replica.ready_variants = set()  # type: ignore[attr-defined]
+    asyncio.run(p.probe(["v", "w"]))  # a comes back whole; b stays down
+    assert counts == [1, 0, 1] and p.healthy_count() == 1
