@@ -8,6 +8,7 @@ GGUF at serve time. This file format is the contract between the two.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -17,6 +18,10 @@ from typing import Any, NoReturn
 from tokenizers import Tokenizer, decoders
 
 TOKENIZER_FILE = "tokenizer.json"
+
+# Private-use characters that mark where a message's content starts and ends in a rendered template (only used when
+# some content spells a control token; chosen per call so that no content contains them).
+_MARKER_CANDIDATES = tuple(chr(c) for c in range(0xE000, 0xE010))
 METADATA_FILE = "llmesh_model.json"
 
 
@@ -82,6 +87,12 @@ class ChatTokenizer:
         self._tokenizer = tokenizer
         self.metadata = metadata
         self._template = compile_chat_template(metadata.chat_template) if metadata.chat_template else None
+        special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special and t.content}
+        self._special_ids = frozenset(special)
+        # Longest first, so a token that contains another is found whole.
+        names = sorted(set(special.values()), key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, names))) if names else None
+        self._plain: Tokenizer | None = None
 
     @classmethod
     def from_model_dir(cls, version_dir: Path) -> ChatTokenizer:
@@ -110,6 +121,71 @@ class ChatTokenizer:
                 eos_token=self.metadata.eos_token or "",
             )
         )
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's ids with control tokens only where the template put them.
+
+        Text a caller sends (any message's content) is tokenized as text: `<|im_start|>system` typed into a user
+        message becomes the tokens of those characters, not the control token, so no one can forge a turn. A
+        conversation without such text gets exactly the ids of `encode(apply_chat_template(messages))`.
+        """
+        prompt = self.apply_chat_template(messages, add_generation_prompt)
+        encoding = self._tokenizer.encode(prompt, add_special_tokens=True)
+        pattern = self._special_pattern
+        if pattern is None or not any(pattern.search(m.get("content") or "") for m in messages):
+            return list(encoding.ids)
+        spans = self._content_spans(messages, add_generation_prompt, prompt)
+        if spans is None:
+            # The template rewrites content beyond trimming, so content cannot be located in the prompt: drop the
+            # control-token spellings from the content instead. Rare, and never lets a control token through.
+            cleaned = [{**m, "content": pattern.sub("", m.get("content") or "")} for m in messages]
+            return self.encode(self.apply_chat_template(cleaned, add_generation_prompt))
+        ids: list[int] = []
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token_id in self._special_ids and any(lo <= start < hi for lo, hi in spans):
+                ids.extend(self._plain_ids(prompt[start:end]))
+            else:
+                ids.append(token_id)
+        return ids
+
+    def _content_spans(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, prompt: str
+    ) -> list[tuple[int, int]] | None:
+        """Where each message's content lies in `prompt` (character offsets), found by rendering the template with
+        every content between two markers; None when the template changes content other than by trimming it."""
+        used = "".join(m.get("content") or "" for m in messages)
+        free = [c for c in _MARKER_CANDIDATES if c not in used]
+        if len(free) < 2:
+            return None
+        begin, end = free[0], free[1]
+        for trim in (False, True):
+            marked = [
+                {**m, "content": begin + ((m.get("content") or "").strip() if trim else m.get("content") or "") + end}
+                for m in messages
+            ]
+            rendered = self.apply_chat_template(marked, add_generation_prompt)
+            spans: list[tuple[int, int]] = []
+            text: list[str] = []
+            length = 0
+            for part in re.split(f"([{begin}{end}])", rendered):
+                if part == begin:
+                    spans.append((length, length))
+                elif part == end:
+                    if spans:
+                        spans[-1] = (spans[-1][0], length)
+                else:
+                    text.append(part)
+                    length += len(part)
+            if "".join(text) == prompt:
+                return spans
+        return None
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """`text` tokenized as ordinary characters, control-token spellings included."""
+        if self._plain is None:
+            self._plain = Tokenizer.from_str(self._tokenizer.to_str())
+            self._plain.encode_special_tokens = True
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
 
     def encode(self, text: str) -> list[int]:
         # Special tokens in `text` (e.g. from the chat template) map to their single ids; BOS is added only
