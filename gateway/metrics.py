@@ -48,6 +48,10 @@ def parse_prices(text: str) -> dict[str, float]:
 class GatewayObserver(Protocol):
     def rejected(self, tier: str, code: str) -> None: ...
 
+    def stage(self, name: str, seconds: float) -> None:
+        """Time one step of the request path took (auth, prepare, cache_lookup, reserve, first_event)."""
+        ...
+
     def observe(
         self, events: AsyncIterator[GenerateEvent], tier: str, clock: Callable[[], float] = time.monotonic
     ) -> AsyncIterator[GenerateEvent]: ...
@@ -55,6 +59,9 @@ class GatewayObserver(Protocol):
 
 class NullGatewayObserver:
     def rejected(self, tier: str, code: str) -> None:
+        pass
+
+    def stage(self, name: str, seconds: float) -> None:
         pass
 
     def observe(
@@ -85,10 +92,19 @@ class PrometheusGatewayObserver:
             "llmesh_gateway_tokens_total", "Tokens by direction (prompt = in, completion = out)",
             ["tier", "variant", "direction"], registry=registry,
         )  # fmt: skip
+        self.stages = Histogram(
+            "llmesh_gateway_stage_seconds",
+            "Time of each step before generation: auth, prepare (router), cache_lookup, reserve (limiter), and "
+            "first_event (router Generate until its first event)",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
         self.cost = Counter(
             "llmesh_gateway_cost_total", "Cost of answered requests at the configured price per 1k tokens",
             ["tier", "variant"], registry=registry,
         )  # fmt: skip
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages.labels(name).observe(seconds)
 
     def rejected(self, tier: str, code: str) -> None:
         """A request refused before routing (auth, validation): no variant yet."""

@@ -7,7 +7,8 @@ authenticate -> validate -> router.prepare (route + the prompt's token ids) -> c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,8 +124,10 @@ class ChatPipeline:
         quotas: QuotaGate | None = None,
         cache: CacheClient | None = None,
         observer: GatewayObserver | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._keys = keys
+        self._clock = clock
         self._router = router
         self._limits = limits
         self._quotas = quotas
@@ -132,8 +135,11 @@ class ChatPipeline:
         self._observer = observer or NullGatewayObserver()
 
     async def authenticate(self, authorization: str | None) -> Principal:
+        started = self._clock()
         try:
-            return await authenticate(self._keys, authorization)
+            principal = await authenticate(self._keys, authorization)
+            self._observer.stage("auth", self._clock() - started)
+            return principal
         except MeshError as exc:
             self._observer.rejected("", code_of(exc))
             raise
@@ -173,11 +179,16 @@ class ChatPipeline:
         Routing happens first (Prepare) so that the cache and the limiter, which slot in here, know the variant and
         the prompt's size before anything is generated.
         """
+        clock, stage = self._clock, self._observer.stage
+        started = clock()
         prepared = await self._router.prepare(principal.tier, request)
         route, prompt_tokens = prepared.route, len(prepared.input_ids)
+        stage("prepare", clock() - started)
         lookup = NO_STORE
         if self._cache is not None:
+            started = clock()
             lookup = await self._cache.lookup(principal, route, request)
+            stage("cache_lookup", clock() - started)
             hit = lookup.answer
             if hit is not None:
                 route_hit = RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit", RouteKind.CACHE_HIT)
@@ -188,10 +199,12 @@ class ChatPipeline:
                 return
         reservation = None
         if self._quotas is not None:
+            started = clock()
             try:
                 reservation = await self._quotas.reserve(
                     principal, request_id, prompt_tokens, request.sampling.max_tokens
                 )
+                stage("reserve", clock() - started)
             except BaseException:
                 # Refused (or the caller left): release identical requests waiting on this one in the cache.
                 await self._store(principal, route, request, lookup, None)
@@ -202,8 +215,13 @@ class ChatPipeline:
         answer: CachedAnswer | None = None
         used_tokens = 0
         events = self._router.generate(request_id, principal.tier, request, prepared)
+        generating_since = clock()
+        first = True
         try:
             async for event in events:
+                if first:
+                    stage("first_event", clock() - generating_since)
+                    first = False
                 if event.delta:
                     chunks.append(event.delta)
                     # Until the final usage arrives, charge the prompt plus about one token per delta.

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.metrics import NullGatewayObserver
 from gateway.pipeline import CachedAnswer, CacheLookup, ChatPipeline, Reservation
 from gateway.validation import RequestLimits
 from llmesh.errors import ResourceExhausted
@@ -173,3 +174,28 @@ def test_the_quota_reservation_counts_the_prepared_prompt() -> None:
     quotas = FakeQuotas()
     asyncio.run(collect(pipeline(FakeRouter([]), quotas)))
     assert quotas.reserved == [len(PREPARED.input_ids)]
+
+
+def test_each_step_before_generation_is_timed() -> None:
+    """llmesh_gateway_stage_seconds: where a request's time to first token goes, step by step."""
+
+    class Stages(NullGatewayObserver):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, float]] = []
+
+        def stage(self, name: str, seconds: float) -> None:
+            self.seen.append((name, seconds))
+
+    ticks = iter(range(100))
+    observer = Stages()
+    p = ChatPipeline(
+        keys=None,  # type: ignore[arg-type]
+        router=FakeRouter(["x"]),
+        limits=RequestLimits(),
+        quotas=FakeQuotas(),
+        cache=FakeCache(),
+        observer=observer,
+        clock=lambda: float(next(ticks)),
+    )
+    asyncio.run(collect(p))
+    assert observer.seen == [("prepare", 1.0), ("cache_lookup", 1.0), ("reserve", 1.0), ("first_event", 1.0)]
