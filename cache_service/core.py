@@ -24,11 +24,8 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
 
 from cache_service.config import CacheSettings
 from cache_service.embedding import Embedder
@@ -54,8 +51,6 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 # Waiters re-check this often even without a release message (e.g. while pub/sub reconnects).
 WAIT_POLL_S = 0.25
-# Query vectors kept between a miss's lookup and its store (see AnswerCache._miss_vectors); 1.5 KB each.
-MISS_VECTORS_KEPT = 1024
 # The background probe waits at least this long between probes, also with a cooldown of 0.
 MIN_PROBE_INTERVAL_S = 0.1
 FINISHED = ("stop", "length")
@@ -151,10 +146,6 @@ class AnswerCache:
         self._index = SemanticIndex(backend, settings.semantic_max_entries)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        # Query vectors of recent misses by entry key: the store that fills a miss adds that same vector to the
-        # semantic index instead of embedding the question a second time (an embedding is ~10-20 ms of CPU that
-        # competes with generation). Bounded; oldest dropped first; a store on another replica embeds anew.
-        self._miss_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @property
     def semantic_enabled(self) -> bool:
@@ -349,7 +340,6 @@ class AnswerCache:
         except Exception as exc:  # the embedder is an optimization: its failure must never fail the request
             log.warning("embedding failed, semantic layer skipped: %s", exc)
             return None
-        self._remember_vector(RedisKeys.for_digest(scope, digest).entry, vector)
         neighbours = await self._index.search(
             bucket_key(scope, query.bucket), vector, query.text, self._settings.semantic_threshold
         )
@@ -363,12 +353,6 @@ class AnswerCache:
         if self._metrics:
             self._metrics.misses.labels("semantic", request.tier, request.variant).inc()
         return None
-
-    def _remember_vector(self, entry: str, vector: np.ndarray) -> None:
-        self._miss_vectors[entry] = vector
-        self._miss_vectors.move_to_end(entry)
-        while len(self._miss_vectors) > MISS_VECTORS_KEPT:
-            self._miss_vectors.popitem(last=False)
 
     async def _wait_for_leader(self, keys: RedisKeys, wait_s: float) -> Answer | None:
         """The leader's answer, or None if it released without one, vanished, or took longer than `wait_s`."""
@@ -442,13 +426,11 @@ class AnswerCache:
         query = semantic_query(scope, request.variant, request.messages, request.sampling)
         if query is None or len(query.text) > self._settings.semantic_max_chars:
             return
-        vector = self._miss_vectors.pop(RedisKeys.for_digest(scope, digest).entry, None)
-        if vector is None:
-            try:
-                vector = await self._embedder.embed(query.text)
-            except Exception as exc:  # see _semantic_lookup
-                log.warning("embedding failed, answer not added to the semantic index: %s", exc)
-                return
+        try:
+            vector = await self._embedder.embed(query.text)
+        except Exception as exc:  # see _semantic_lookup
+            log.warning("embedding failed, answer not added to the semantic index: %s", exc)
+            return
         await self._index.add(bucket_key(scope, query.bucket), digest, vector, query.text, self._ttl_ms())
 
     # ---- operations

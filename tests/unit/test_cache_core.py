@@ -366,21 +366,3 @@ def test_semantic_index_is_shared_between_replicas() -> None:
         assert not (await two.lookup(req(PARAPHRASE))).hit
 
     run(scenario())
-
-
-def test_a_miss_is_embedded_once_from_lookup_to_store() -> None:
-    async def scenario() -> None:
-        embedder = WordEmbedder()
-        cache, _, _, _ = make(dataclasses.replace(SETTINGS, semantic_threshold=0.5), embedder=embedder)
-        miss = await cache.lookup(req())
-        assert not miss.hit and len(embedder.calls) == 1
-        await cache.store(req(), ANSWER, miss.flight_token)
-        assert len(embedder.calls) == 1  # the store reused the lookup's vector
-        # ... and the semantic index has it: a paraphrase finds the answer.
-        near = await cache.lookup(req("what is the capital of France"))
-        assert near.hit and near.layer == "semantic"
-        # A store without an earlier lookup on this replica still embeds.
-        await cache.store(req("Name a red fruit?"), ANSWER)
-        assert len(embedder.calls) == 3
-
-    run(scenario())
