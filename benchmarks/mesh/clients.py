@@ -85,18 +85,28 @@ class ChatStreamClient:
 
     async def stream(self, prompt: str, max_tokens: int) -> AsyncIterator[int]:
         chunks, usage = 0, None
-        async with self.http.stream("POST", "/v1/chat/completions", json=self.body(prompt, max_tokens)) as reply:
-            if reply.status_code != 200:
-                raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
-            async for line in reply.aiter_lines():
-                event = sse_event(line)
-                if event is None:
-                    continue
-                text, completion = content_and_usage(event)
-                usage = completion if completion is not None else usage
-                if text:
-                    chunks += 1
-                    yield 1
+        # A pooled keep-alive connection the server has closed meanwhile (llama-server's HTTP library closes one after
+        # a few requests) fails before anything comes back; that request is sent once more on a new connection, as
+        # the openai SDK would. A failure after the first chunk is the server's and is raised.
+        body = self.body(prompt, max_tokens)
+        for attempt in (1, 2):
+            try:
+                async with self.http.stream("POST", "/v1/chat/completions", json=body) as reply:
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+                    async for line in reply.aiter_lines():
+                        event = sse_event(line)
+                        if event is None:
+                            continue
+                        text, completion = content_and_usage(event)
+                        usage = completion if completion is not None else usage
+                        if text:
+                            chunks += 1
+                            yield 1
+                break
+            except httpx.RemoteProtocolError:
+                if attempt == 2 or chunks or usage is not None:
+                    raise
         if usage is not None and usage > chunks:
             yield usage - chunks
 
