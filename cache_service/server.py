@@ -16,8 +16,9 @@ from threadpoolctl import threadpool_limits
 
 from cache_service.config import CacheSettings
 from cache_service.core import Answer, AnswerCache, CacheRequest, LookupResult
-from cache_service.embedding import BatchingEmbedder, MiniLMEncoder
+from cache_service.embedding import BatchingEmbedder
 from cache_service.metrics import CacheMetrics
+from cache_service.minilm_onnx import OnnxMiniLMEncoder
 from cache_service.store import RedisBackend
 from llmesh import grpc_util
 from llmesh.convert import messages_from_pb, sampling_from_pb, tier_from_pb, usage_from_pb, usage_to_pb
@@ -96,7 +97,7 @@ def build_embedder(settings: CacheSettings, metrics: CacheMetrics) -> BatchingEm
     if settings.semantic_threshold <= 0:
         return None
     try:
-        encoder = MiniLMEncoder.from_wheel()
+        encoder = OnnxMiniLMEncoder.from_wheel(settings.embed_threads)
     except FileNotFoundError as exc:
         raise SystemExit(f"semantic cache enabled (threshold {settings.semantic_threshold}) but {exc}") from exc
 
@@ -108,9 +109,9 @@ def build_embedder(settings: CacheSettings, metrics: CacheMetrics) -> BatchingEm
 
 
 async def serve(settings: CacheSettings) -> None:
-    # One BLAS thread: MiniLM's matrices are small, and a second OpenBLAS thread spins after every product. Measured
-    # per embedding: 24 ms of CPU with one thread, 88 ms with two (for 4 ms less wall time), and that spinning took
-    # the cores from Triton's prefill: the cache slowed every generation it did not answer.
+    # One BLAS thread: whatever numpy multiplies here is small, and a second OpenBLAS thread spins after every
+    # product. Measured with the numpy MiniLM: 24 ms of CPU per embedding with one thread, 88 ms with two (for 4 ms
+    # less wall time), and that spinning took the cores from Triton's prefill.
     threadpool_limits(limits=1, user_api="blas")
     registry = CollectorRegistry()
     metrics = CacheMetrics(registry)

@@ -83,3 +83,17 @@ def test_shipped_threshold_keeps_false_hits_under_one_percent(encoder: MiniLMEnc
         (row,) = threshold_table([pairs[i] for i in rows], sims[rows], [shipped])
         assert row.false_hit_rate < MAX_FALSE_HIT_RATE, (split, row)
         assert row.recall > 0.2, (split, row)  # the layer is worth having at this threshold
+
+
+def test_onnx_graph_computes_the_numpy_reference(encoder: MiniLMEncoder) -> None:
+    from cache_service.minilm_onnx import OnnxMiniLMEncoder
+
+    fast = OnnxMiniLMEncoder(encoder, threads=1)
+    texts = [*SENTENCES, "", "x", "A much longer question about " + "many words " * 60]
+    # As a batch (padded to its longest text) and one by one: both equal the numpy encoder's rows.
+    batch = fast.encode(texts)
+    np.testing.assert_allclose(batch, encoder.encode(texts), atol=1e-5)
+    for text, row in zip(texts, batch, strict=True):
+        np.testing.assert_allclose(fast.encode([text])[0], row, atol=1e-5)
+    np.testing.assert_allclose(batch[:4, :4], REFERENCE_HEAD, atol=5e-6)
+    assert fast.encode([]).shape == (0, 384)
