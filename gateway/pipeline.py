@@ -88,7 +88,7 @@ NO_STORE = CacheLookup()
 
 
 class CacheClient(Protocol):
-    """The gateway's side of the response cache (named apart from cache_service's own ResponseCache)."""
+    """The gateway's side of the response cache (cache_service's core is AnswerCache)."""
 
     async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CacheLookup: ...
 
