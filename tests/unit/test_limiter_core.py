@@ -268,7 +268,7 @@ class StalledStore(FlakyStore):
         return state
 
 
-@pytest.mark.parametrize("stalls", [1, 2])
+@pytest.mark.parametrize("stalls", [1, 2, 6])
 def test_timeouts_while_the_loop_is_stalled_are_retried_not_counted(tmp_path: Path, stalls: int) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)
@@ -288,6 +288,31 @@ def test_timeouts_while_the_loop_is_stalled_are_retried_not_counted(tmp_path: Pa
             assert store.calls == stalls + 1 and not limiter.degraded
             assert metric(registry, "llmesh_limiter_stall_retries_total") == stalls
             assert metric(registry, "llmesh_limiter_redis_errors_total") == 0
+        finally:
+            ticker.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_stall_longer_than_the_budget_fails_the_request_not_the_store(tmp_path: Path) -> None:
+    # 20 stalls of 50 ms outlast the 0.5 s retry budget: this request follows its tier's outage policy (free: closed),
+    # but nothing counts against Redis, so the breaker stays closed and the next request is decided there.
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store, registry, monitor = StalledStore(20), CollectorRegistry(), LoopLagMonitor(period_s=0.005, late_s=0.02)
+    limiter = Limiter(
+        PolicySource(path), store, breaker_failures=1, metrics=LimiterMetrics(registry), loop_monitor=monitor
+    )
+
+    async def main() -> None:
+        ticker = asyncio.create_task(monitor.run())
+        await asyncio.sleep(0.02)
+        try:
+            with pytest.raises(Unavailable):
+                await limiter.reserve("f1", "free", 1, 1, nonce="n1")
+            assert not limiter.degraded
+            assert metric(registry, "llmesh_limiter_redis_errors_total") == 0
+            assert 2 <= store.calls <= 8
         finally:
             ticker.cancel()
 
