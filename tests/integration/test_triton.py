@@ -5,7 +5,8 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from llmesh.model_artifact import ChatTokenizer
-from tests.fixtures.triton import TritonServer
+from tests.fixtures.triton import TritonServer, run_tritonserver
+from triton_models.config import BuildSettings
 from triton_models.engine import Engine, EngineSampling, GenerationRequest
+from triton_models.repository import ensure_model_repository
 
 pytestmark = pytest.mark.slow
 
@@ -123,16 +126,32 @@ def test_max_tokens_gives_length(client: StreamingClient, chat_tokenizer: ChatTo
     assert (stream.finish_reason, len(stream.tokens)) == ("length", 5)
 
 
+@pytest.fixture(scope="module")
+def delayed_server(
+    model_repository: Path, build_settings: BuildSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """Triton with a 50 ms dynamic-batching delay. The shipped default is 0 (the engine batches continuously, so
+    waiting only adds to time to first token); the delay is a serve-time setting: same graphs, new small folder."""
+    settings = replace(build_settings, max_queue_delay_us=50_000)
+    repository = ensure_model_repository(settings)
+    assert repository != model_repository
+    yield from run_tritonserver(repository, settings, tmp_path_factory.mktemp("tritonserver-delayed"))
+
+
 def test_concurrent_requests_are_batched_and_match_the_engine(
-    client: StreamingClient, chat_tokenizer: ChatTokenizer, engine: Engine, triton_server: TritonServer
+    delayed_server: TritonServer, chat_tokenizer: ChatTokenizer, engine: Engine
 ) -> None:
+    client = StreamingClient(delayed_server)
     questions = ["What is the capital of France?", "Name a color.", "Why do birds sing? Answer briefly."]
     prompts = [chat(chat_tokenizer, q) for q in questions]
-    before = _batched_executions(triton_server)
-    for i, prompt in enumerate(prompts):  # one stream, sent back to back: within the 50 ms queue delay
-        client.send(f"q{i}", prompt, max_tokens=24)
-    streams = client.collect([f"q{i}" for i in range(len(prompts))])
-    assert _batched_executions(triton_server) > before, "the dynamic batcher never formed a batch > 1"
+    before = _batched_executions(delayed_server)
+    try:
+        for i, prompt in enumerate(prompts):  # one stream, sent back to back: within the 50 ms queue delay
+            client.send(f"q{i}", prompt, max_tokens=24)
+        streams = client.collect([f"q{i}" for i in range(len(prompts))])
+    finally:
+        client.close()
+    assert _batched_executions(delayed_server) > before, "the dynamic batcher never formed a batch > 1"
     for i, prompt in enumerate(prompts):
         [expected] = engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=24))])
         assert (streams[f"q{i}"].tokens, streams[f"q{i}"].finish_reason) == (
