@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from cache_service.config import CacheSettings
 from control.envoy_config import EdgeConfig, envoy_command, render
-from control.process import ManagedProcess, ProcessFailed, free_port, grpc_health_probe, http_ok_probe
+from control.process import ManagedProcess, ProcessFailed, free_ports, grpc_health_probe, http_ok_probe
 from gateway.config import GatewaySettings
 from limiter_service.config import LimiterSettings
 from llmesh import paths
@@ -120,7 +120,8 @@ class MeshSettings:
     def on_free_ports(cls, **flags: object) -> MeshSettings:
         """Every listening port on a free loopback port (tests, benchmarks), then `flags`, named as `llmesh up`'s
         flags (`limiter_policy_file=...` for `--limiter-policy-file`)."""
-        ports = {f.name: free_port() for f in dataclasses.fields(flat_class(cls)) if f.name.endswith("_port")}
+        names = [f.name for f in dataclasses.fields(flat_class(cls)) if f.name.endswith("_port")]
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
         return with_flags(cls(), **{**ports, **flags})
 
 

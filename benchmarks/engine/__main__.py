@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from control.process import ManagedProcess, free_port, http_ok_probe
+from control.process import ManagedProcess, free_port, free_ports, http_ok_probe
 from llmesh import paths
 from llmesh.model_artifact import ChatTokenizer
 from llmesh.types import SamplingParams, Tier
@@ -211,7 +211,7 @@ def start_llama(binary: Path, gguf: Path, slots: int, ctx_per_slot: int, log_dir
 
 
 def start_triton(repository: Path, log_dir: Path, variants: tuple[str, ...]) -> tuple[ManagedProcess, str, str]:
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_ports(3)
     argv, env = tritonserver_command(
         repository,
         grpc_port=grpc_port,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from control.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
+from control.process import ManagedProcess, free_ports, grpc_health_probe, http_ok_probe
 from llmesh.model_artifact import ChatTokenizer
 from llmesh.paths import cache_dir
 from llmesh.types import SamplingParams, Tier
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = BuildSettings()
     repository = ensure_model_repository(settings)
     with tempfile.TemporaryDirectory() as tmp:
-        grpc_port, http_port, metrics_port, router_port = free_port(), free_port(), free_port(), free_port()
+        grpc_port, http_port, metrics_port, router_port = free_ports(4)
         argv_, env = tritonserver_command(
             repository, grpc_port, http_port, metrics_port, prepare_backend_dir(cache_dir())
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from control.launcher import MeshSettings
-from control.process import free_port
+from control.process import free_ports
 from llmesh.settings import to_argv
 
 
@@ -28,15 +28,16 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: 
 
 
 def test_up_starts_redis_serves_and_reports_a_dead_part(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    http_port, admin_port, redis_port = free_port(), free_port(), free_port()
+    http_port, admin_port, redis_port, *ports = free_ports(11)
+    port = iter(ports)
     state = tmp_path / "state"
     argv = [
         sys.executable, "-m", "control.cli", "up",
         "--http-port", str(http_port), "--envoy-admin-port", str(admin_port),
-        "--gateway-port", str(free_port()), "--router-port", str(free_port()),
-        "--router-metrics-port", str(free_port()), "--gateway-metrics-port", str(free_port()),
-        "--cache-port", str(free_port()), "--cache-metrics-port", str(free_port()),
-        "--limiter-port", str(free_port()), "--limiter-metrics-port", str(free_port()),
+        "--gateway-port", str(next(port)), "--router-port", str(next(port)),
+        "--router-metrics-port", str(next(port)), "--gateway-metrics-port", str(next(port)),
+        "--cache-port", str(next(port)), "--cache-metrics-port", str(next(port)),
+        "--limiter-port", str(next(port)), "--limiter-metrics-port", str(next(port)),
         "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
         "--external-triton-url", triton_server.grpc_url,
         "--model-repository", str(triton_server.model_repository),
@@ -74,7 +75,7 @@ def test_down_stops_a_running_mesh(triton_server, tmp_path: Path) -> None:  # ty
     common = ["--state-dir", str(state)]
     # `llmesh up`'s flags written from its settings (to_argv is what `llmesh up` parses back).
     settings = MeshSettings.on_free_ports(
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        redis_url=f"redis://127.0.0.1:{free_ports(1)[0]}/0",
         external_triton_url=triton_server.grpc_url,
         model_repository=triton_server.model_repository,
         state_dir=state,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from control.envoy_config import EdgeConfig, envoy_command, render
-from control.process import ManagedProcess, free_port, grpc_health_probe, http_ok_probe
+from control.process import ManagedProcess, free_port, free_ports, grpc_health_probe, http_ok_probe
 from llmesh.apikeys import hash_key, key_id_for
 from llmesh.convert import tier_to_pb
 from llmesh.types import Tier
@@ -51,7 +51,7 @@ def second_gateway(mesh: RunningMesh, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def edge_over_both(mesh: RunningMesh, second_gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An Envoy in front of both gateways, using the mesh's limiter for its edge limits."""
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     host, gw2 = second_gateway.split(":")
     config = tmp_path_factory.mktemp("edge-2") / "envoy.yaml"
     config.write_text(

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from control.envoy_config import EdgeConfig, envoy_command, render
-from control.process import ManagedProcess, free_port, http_ok_probe
+from control.process import ManagedProcess, free_port, free_ports, http_ok_probe
 from gateway.auth import RedisApiKeyStore
 from limiter_service.policy import DEFAULT_POLICY_FILE
 from llmesh.apikeys import hash_key, key_id_for
@@ -281,7 +281,7 @@ def test_envoy_limits_per_ip_before_the_gateway_and_fails_open(
     under the per-IP limit reach the (missing) gateway, 503; the next is refused by the edge, 429; with the limiter
     gone, Envoy lets requests through (failure_mode_deny: false)."""
     limiter = start_limiter(private_redis.url, POLICY.replace("per_ip_per_minute = 100", "per_ip_per_minute = 3"))
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     config = tmp_path / "envoy.yaml"
     edge = EdgeConfig(
         listen_port=port, admin_port=admin, gateways=(("127.0.0.1", free_port()),), limiter=("127.0.0.1", limiter.port)

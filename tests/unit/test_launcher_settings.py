@@ -204,3 +204,11 @@ def test_on_free_ports() -> None:
     assert s.gateway.limiter_url == f"{LOOPBACK}:{s.limiter.port}"
     with pytest.raises(TypeError):
         MeshSettings.on_free_ports(no_such_flag=1)
+
+
+def test_free_ports_are_distinct() -> None:
+    from control.process import free_ports
+
+    for _ in range(50):
+        ports = free_ports(8)
+        assert len(set(ports)) == 8
