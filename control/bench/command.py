@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workload = parser.add_argument_group("workload")
     workload.add_argument(
         "--workload", type=Path, metavar="FILE",
-        help=f"TOML or JSON workload (example: {EXAMPLE_WORKLOAD.name} in llmesh/bench/workloads); flags override it",
+        help=f"TOML or JSON workload (example: {EXAMPLE_WORKLOAD.name} in control/bench/workloads); flags override it",
     )  # fmt: skip
     workload.add_argument("--seed", type=int, help="same seed, same request sequence and arrivals")
     workload.add_argument("--model", help="the request's model field (default auto)")

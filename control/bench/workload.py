@@ -153,7 +153,7 @@ def parse_price(value: Any, name: str) -> Price:
 
 
 def spec_from_mapping(data: Mapping[str, Any]) -> WorkloadSpec:
-    """A spec from a parsed TOML/JSON document (see llmesh/bench/workloads/mixed.toml); missing keys = defaults."""
+    """A spec from a parsed TOML/JSON document (see control/bench/workloads/mixed.toml); missing keys = defaults."""
     known = {"seed", "model", "max_tokens", "temperature", "mix", "kinds", "tiers", "prices"}
     unknown = set(data) - known
     if unknown:
