@@ -294,7 +294,12 @@ class Router:
             if tail:
                 yield GenerateEvent(delta=tail)
         if finish_reason not in ("stop", "length"):
-            finish_reason = "stop"
+            # Cut short upstream (Triton cancelled it, or its stream ended without a final response): an incomplete
+            # answer must not reach the caller, or the cache, as a complete one.
+            self._replicas.record_failure(replica, variant, f"generation ended as {finish_reason or 'nothing'!r}")
+            raise Unavailable(
+                f"{variant} on {replica.name} ended the generation early after {completion_tokens} tokens"
+            )
         yield GenerateEvent(
             finish_reason=finish_reason,
             usage=Usage(prompt_tokens=len(input_ids), completion_tokens=completion_tokens),

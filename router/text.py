@@ -39,11 +39,33 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
+def _failure(pattern: str) -> list[int]:
+    """Knuth-Morris-Pratt: failure[k] is the length of the longest proper prefix of pattern[: k + 1] that is also
+    its suffix."""
+    failure = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = failure[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        failure[i] = k
+    return failure
+
+
 class StopMatcher:
-    """Finds the first stop string in streamed text, holding back only text that could start one."""
+    """Finds the first stop string in streamed text, holding back only text that could start one.
+
+    Stop strings come from the caller, so the work is linear: per stop string a Knuth-Morris-Pratt state (how much
+    of it the text seen so far ends with) advances once per new character, amortised O(1). No rescans of held-back
+    text, no suffix-by-suffix comparisons (quadratic in a stop string's length).
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [s for s in stops if s]
+        self._failures = [_failure(s) for s in self._stops]
+        # _states[i]: the longest prefix of stop i that the text fed so far ends with (always < its length).
+        self._states = [0] * len(self._stops)
         self._pending = ""
         self.stopped = False
 
@@ -53,26 +75,32 @@ class StopMatcher:
             return ""
         if not self._stops:
             return text
+        start = len(self._pending)
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
+        earliest = -1
+        for i, stop in enumerate(self._stops):
+            state, failure = self._states[i], self._failures[i]
+            for at in range(start, len(self._pending)):
+                char = self._pending[at]
+                while state and stop[state] != char:
+                    state = failure[state - 1]
+                if stop[state] == char:
+                    state += 1
+                if state == len(stop):
+                    # This stop's first occurrence (the first to end is the first to start, for one string).
+                    begin = at + 1 - len(stop)
+                    earliest = begin if earliest < 0 else min(earliest, begin)
+                    break
+            self._states[i] = state
+        if earliest >= 0:
             self.stopped = True
-            out, self._pending = self._pending[: min(hits)], ""
+            out, self._pending = self._pending[:earliest], ""
             return out
-        hold = self._longest_partial_stop_suffix()
-        cut = len(self._pending) - hold
+        # Held back: the longest tail that is the start of some stop string.
+        cut = len(self._pending) - max(self._states)
         out, self._pending = self._pending[:cut], self._pending[cut:]
         return out
 
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
-
-    def _longest_partial_stop_suffix(self) -> int:
-        best = 0
-        for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(self._pending)), best, -1):
-                if self._pending.endswith(stop[:length]):
-                    best = length
-                    break
-        return best

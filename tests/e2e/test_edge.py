@@ -205,7 +205,7 @@ def test_bad_input_is_400_with_message(
 ) -> None:
     reply = post_chat(mesh, paid_key, {**payload, "stream": stream})
     assert reply.status_code == 400, reply.text
-    assert message in reply.json()["message"]
+    assert message in reply.json()["error"]["message"]
 
 
 def test_invalid_utf8_and_json_are_400(mesh: RunningMesh, paid_key: str) -> None:

@@ -115,6 +115,14 @@ def test_length_finish() -> None:
     assert run(make(replica), SamplingParams(max_tokens=2))[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("reason", ["cancelled", ""])
+def test_generation_cut_short_upstream_is_unavailable_not_a_complete_answer(reason: str) -> None:
+    # Triton cancelled the request (e.g. it is shutting down), or its stream ended without a final response.
+    replica = ScriptedReplica("a", [TokenChunk((1,)), TokenChunk((2,), reason)])
+    with pytest.raises(Unavailable, match="ended the generation early after 2 tokens"):
+        run(make(replica), SamplingParams(max_tokens=8))
+
+
 def test_stop_string_ends_generation_and_closes_stream() -> None:
     replica = ScriptedReplica("a", [TokenChunk((1,)), TokenChunk((3,)), TokenChunk((4,)), TokenChunk((0,), "stop")])
     events = run(make(replica), SamplingParams(max_tokens=8, stop=(" STOP",)))
