@@ -9,7 +9,9 @@ Lookup, for a deterministic request:
    similarity reaches the threshold;
 3. single flight: atomically re-check the exact entry and take the key's lock. The first request takes it and
    generates (`flight_token` in the result); identical requests arriving meanwhile wait, bounded, for its answer,
-   and generate themselves if the leader fails or takes too long.
+   and generate themselves if the leader fails or takes too long. A caller may ask not to wait
+   (`wait_for_leader=False`: the answer is `in_flight`), take its quota reservation, and then look up again,
+   waiting: so a waiter holds a concurrency slot of its key like any stream (gateway/pipeline.py).
 Any backend failure opens the circuit breaker (llmesh/breaker.py): the cache answers "miss, don't store" without
 touching Redis until the cooldown passes, so an outage costs at most one short timeout per cooldown, and no request
 fails because of the cache. After each cooldown the first request is the probe; while the circuit is open a
@@ -24,8 +26,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cache_service.config import CacheSettings
 from cache_service.embedding import Embedder
@@ -81,7 +84,9 @@ class LookupResult:
     # On a miss: whether the caller should store its answer afterwards, and the single-flight lock it holds.
     store: bool = False
     flight_token: str = ""
-    # For metrics and logs: hit_exact, hit_semantic, waited, miss, leader, fell_through, bypass.
+    # Asked with wait_for_leader=False: an identical request holds the single-flight lock; nothing to store.
+    in_flight: bool = False
+    # For metrics and logs: hit_exact, hit_semantic, waited, miss, leader, fell_through, in_flight, bypass.
     outcome: str = "miss"
 
     @property
@@ -248,14 +253,16 @@ class AnswerCache:
 
     # ---- lookup
 
-    async def lookup(self, request: CacheRequest, max_wait_s: float | None = None) -> LookupResult:
+    async def lookup(
+        self, request: CacheRequest, max_wait_s: float | None = None, wait_for_leader: bool = True
+    ) -> LookupResult:
         started = time.perf_counter()
-        result = await self._lookup(request, max_wait_s)
+        result = await self._lookup(request, max_wait_s, wait_for_leader)
         if self._metrics:
             self._metrics.lookup_seconds.labels(result.outcome).observe(time.perf_counter() - started)
         return result
 
-    async def _lookup(self, request: CacheRequest, max_wait_s: float | None) -> LookupResult:
+    async def _lookup(self, request: CacheRequest, max_wait_s: float | None, wait_for_leader: bool) -> LookupResult:
         metrics = self._metrics
         if not (is_deterministic(request.sampling) or self._settings.cache_sampled):
             if metrics:
@@ -266,7 +273,7 @@ class AnswerCache:
                 metrics.bypassed.labels("backend_down").inc()
             return LookupResult(outcome="bypass")
         try:
-            result = await self._lookup_layers(request, max_wait_s)
+            result = await self._lookup_layers(request, max_wait_s, wait_for_leader)
         except BackendError as exc:
             self._backend_failed("lookup", exc)
             if metrics:
@@ -289,7 +296,9 @@ class AnswerCache:
                 metrics.single_flight.labels("served" if result.outcome == "waited" else result.outcome).inc()
         return result
 
-    async def _lookup_layers(self, request: CacheRequest, max_wait_s: float | None) -> LookupResult:
+    async def _lookup_layers(
+        self, request: CacheRequest, max_wait_s: float | None, wait_for_leader: bool
+    ) -> LookupResult:
         scope = self._scope(request)
         digest = exact_digest(scope, request.variant, request.messages, request.sampling)
         keys = RedisKeys.for_digest(scope, digest)
@@ -319,6 +328,8 @@ class AnswerCache:
             if value is None:
                 break
             # The entry had just expired and is deleted now: try once more to take the lock.
+        if not wait_for_leader:
+            return LookupResult(in_flight=True, outcome="in_flight")
         wait_s = (
             self._settings.single_flight_wait_s
             if max_wait_s is None
@@ -451,9 +462,16 @@ async def flush_scope(backend: CacheBackend, key_id: str | None = None, public: 
     return await backend.flush(None)
 
 
-async def flush_cache(redis_url: str, key_id: str | None = None, public: bool = False, timeout_s: float = 5.0) -> int:
-    """`llmesh cache flush`: straight to the cache's Redis, so it works whether or not the service runs."""
-    backend = RedisBackend.from_url(redis_url, timeout_s)
+async def flush_cache(
+    redis_url: str,
+    key_id: str | None = None,
+    public: bool = False,
+    timeout_s: float = 5.0,
+    redis_options: Mapping[str, Any] | None = None,
+) -> int:
+    """`llmesh cache flush`: straight to the cache's Redis, so it works whether or not the service runs.
+    `redis_options`: credentials (llmesh.redis_auth.RedisAuth.client_options)."""
+    backend = RedisBackend.from_url(redis_url, timeout_s, **(redis_options or {}))
     try:
         return await flush_scope(backend, key_id, public)
     finally:

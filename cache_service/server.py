@@ -8,6 +8,7 @@ set when the cache's circuit breaker opens or closes, not polled. SIGTERM turns 
 from __future__ import annotations
 
 import logging
+import os
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -24,6 +25,8 @@ from llmesh import grpc_util
 from llmesh.convert import messages_from_pb, sampling_from_pb, tier_from_pb, usage_from_pb, usage_to_pb
 from llmesh.errors import InvalidRequest
 from llmesh.metrics import serve_metrics
+from llmesh.redis_auth import redis_auth
+from llmesh.tls import TlsFiles, add_port
 from llmesh.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,9 @@ def request_from_pb(key: cache_pb2.CacheKey) -> CacheRequest:
 
 
 def lookup_to_pb(result: LookupResult) -> cache_pb2.CacheLookupResponse:
-    reply = cache_pb2.CacheLookupResponse(store=result.store, flight_token=result.flight_token)
+    reply = cache_pb2.CacheLookupResponse(
+        store=result.store, flight_token=result.flight_token, in_flight=result.in_flight
+    )
     if result.answer is not None:
         reply.hit = True
         reply.layer = result.layer
@@ -70,7 +75,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.CacheLookupRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.CacheLookupResponse:
         wait = request.max_wait_ms / 1000 if request.max_wait_ms else None
-        return lookup_to_pb(await self._cache.lookup(request_from_pb(request.key), wait))
+        result = await self._cache.lookup(request_from_pb(request.key), wait, wait_for_leader=not request.no_wait)
+        return lookup_to_pb(result)
 
     @grpc_util.unary_errors
     async def Store(
@@ -115,7 +121,9 @@ async def serve(settings: CacheSettings) -> None:
     threadpool_limits(limits=1, user_api="blas")
     registry = CollectorRegistry()
     metrics = CacheMetrics(registry)
-    backend = RedisBackend.from_url(settings.redis_url, settings.redis_timeout_s)
+    tls = TlsFiles.of(settings)
+    redis_options = redis_auth(settings, os.environ).client_options(settings.redis_url)
+    backend = RedisBackend.from_url(settings.redis_url, settings.redis_timeout_s, **redis_options)
     embedder = build_embedder(settings, metrics)
     server = grpc.aio.server(options=grpc_util.server_options())
     health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
@@ -129,7 +137,7 @@ async def serve(settings: CacheSettings) -> None:
     await cache.probe()  # health starts from Redis' real state (the core logs an outage)
     cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(cache), server)
     address = f"{settings.host}:{settings.port}"
-    server.add_insecure_port(address)
+    add_port(server, address, tls)
     await server.start()
     serve_metrics(registry, settings.host, settings.metrics_port)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -1,21 +1,31 @@
 """The gateway's request path. No gRPC here.
 
-authenticate -> validate -> router.prepare (route + the prompt's token ids) -> cache lookup -> quota reservation
+authenticate -> validate -> recent quota refusals (gateway/admission.py: a key the limiter just refused is refused
+again before anything expensive) -> router.prepare (route + the prompt's token ids) -> cache lookup -> quota reservation
 -> router.generate (of the prepared prompt: routed and tokenized once) -> quota settlement -> cache store.
+
+Single flight and quotas: a lookup that finds an identical request in flight does not wait there. The request
+takes its quota reservation first and then waits (a second lookup), so every waiter holds a concurrency slot like a
+stream, and a refused one never waits; a waiter served the leader's answer is settled with 0 tokens.
+
+Settlement and cache store run as one task the caller's cancellation cannot stop; `drain` waits for those still
+running (the server calls it on shutdown, before closing its clients).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.admission import RefusalMemory
 from gateway.auth import ApiKeyStore, authenticate
 from gateway.metrics import GatewayObserver, NullGatewayObserver, code_of
 from gateway.validation import ChatRequestFields, RequestLimits, validate
-from llmesh.errors import Internal, MeshError
+from llmesh.errors import Internal, MeshError, ResourceExhausted
 from llmesh.logs import REQUEST_ID
 from llmesh.types import (
     ChatRequest,
@@ -28,6 +38,9 @@ from llmesh.types import (
     Usage,
     VariantInfo,
 )
+
+# Finish reasons of an answer that ended by itself; anything else (e.g. "cancelled") was cut short.
+FINISHED = ("stop", "length")
 
 
 class RouterClient(Protocol):
@@ -82,6 +95,8 @@ class CacheLookup:
     answer: CachedAnswer | None = None
     store: bool = False
     flight_token: str = ""
+    # Asked with wait=False: an identical request is being generated; look up again (waiting) for its answer.
+    in_flight: bool = False
 
 
 NO_STORE = CacheLookup()
@@ -90,7 +105,11 @@ NO_STORE = CacheLookup()
 class CacheClient(Protocol):
     """The gateway's side of the response cache (cache_service's core is AnswerCache)."""
 
-    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CacheLookup: ...
+    async def lookup(
+        self, principal: Principal, route: RouteInfo, request: ChatRequest, wait: bool = True
+    ) -> CacheLookup:
+        """A hit, a miss, or (wait=False) `in_flight` instead of waiting for an identical request's answer."""
+        ...
 
     async def store(
         self,
@@ -125,14 +144,19 @@ class ChatPipeline:
         cache: CacheClient | None = None,
         observer: GatewayObserver | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        refusals: RefusalMemory | None = None,
     ) -> None:
         self._keys = keys
+        # Recent quota refusals, checked before Prepare (tokenizing) so a refused key costs nothing expensive.
+        self._refusals = refusals or RefusalMemory(clock=clock)
         self._clock = clock
         self._router = router
         self._limits = limits
         self._quotas = quotas
         self._cache = cache
         self._observer = observer or NullGatewayObserver()
+        self._finishing: set[asyncio.Future[None]] = set()
+        self._streams = 0  # requests between their start and their settlement being under way
 
     async def authenticate(self, authorization: str | None) -> Principal:
         started = self._clock()
@@ -179,75 +203,157 @@ class ChatPipeline:
         Routing happens first (Prepare) so that the cache and the limiter, which slot in here, know the variant and
         the prompt's size before anything is generated.
         """
-        clock, stage = self._clock, self._observer.stage
-        started = clock()
-        prepared = await self._router.prepare(principal.tier, request)
-        route, prompt_tokens = prepared.route, len(prepared.input_ids)
-        stage("prepare", clock() - started)
-        lookup = NO_STORE
-        if self._cache is not None:
+        with self._in_flight():
+            clock, stage = self._clock, self._observer.stage
+            if self._quotas is not None:
+                self._refusals.check(principal.key_id, request.sampling.max_tokens)
             started = clock()
-            lookup = await self._cache.lookup(principal, route, request)
-            stage("cache_lookup", clock() - started)
-            hit = lookup.answer
-            if hit is not None:
-                route_hit = RouteInfo(route.variant, f"{route.reason}; {hit.layer} cache hit", RouteKind.CACHE_HIT)
-                yield GenerateEvent(route=route_hit, cache=hit.layer)
-                for chunk in hit.chunks:
-                    yield GenerateEvent(delta=chunk, cache=hit.layer)
-                yield GenerateEvent(finish_reason=hit.finish_reason, usage=hit.usage, cache=hit.layer)
-                return
-        reservation = None
-        if self._quotas is not None:
-            started = clock()
+            prepared = await self._router.prepare(principal.tier, request)
+            route, prompt_tokens = prepared.route, len(prepared.input_ids)
+            stage("prepare", clock() - started)
+            lookup = NO_STORE
+            reservation: Reservation | None = None
+            if self._cache is not None:
+                started = clock()
+                # With quotas, never wait inside the first lookup: see the module's docstring.
+                lookup = await self._cache.lookup(principal, route, request, wait=self._quotas is None)
+                stage("cache_lookup", clock() - started)
+                if lookup.in_flight and self._quotas is not None:
+                    reservation = await self._reserve(principal, request_id, prompt_tokens, request, response_headers)
+                    try:
+                        started = clock()
+                        lookup = await self._cache.lookup(principal, route, request)
+                        stage("cache_wait", clock() - started)
+                    except BaseException:
+                        await self._finish(principal, route, request, reservation, 0, NO_STORE, None)
+                        raise
+                hit = lookup.answer
+                if hit is not None:
+                    try:
+                        route_hit = RouteInfo(
+                            route.variant, f"{route.reason}; {hit.layer} cache hit", RouteKind.CACHE_HIT
+                        )
+                        yield GenerateEvent(route=route_hit, cache=hit.layer)
+                        for chunk in hit.chunks:
+                            yield GenerateEvent(delta=chunk, cache=hit.layer)
+                        yield GenerateEvent(finish_reason=hit.finish_reason, usage=hit.usage, cache=hit.layer)
+                    finally:
+                        if reservation is not None:  # a waiter: it held a slot, the leader's answer cost it nothing
+                            await self._finish(principal, route, request, reservation, 0, NO_STORE, None)
+                    return
+            if reservation is None and self._quotas is not None:
+                try:
+                    reservation = await self._reserve(principal, request_id, prompt_tokens, request, response_headers)
+                except BaseException:
+                    # Refused (or the caller left): release identical requests waiting on this one in the cache.
+                    await self._finish(principal, route, request, None, 0, lookup, None)
+                    raise
+            chunks: list[str] = []
+            answer: CachedAnswer | None = None
+            used_tokens = 0
+            events = self._router.generate(request_id, principal.tier, request, prepared)
+            generating_since = clock()
+            first = True
             try:
-                reservation = await self._quotas.reserve(
-                    principal, request_id, prompt_tokens, request.sampling.max_tokens
-                )
-                stage("reserve", clock() - started)
-            except BaseException:
-                # Refused (or the caller left): release identical requests waiting on this one in the cache.
-                await self._store(principal, route, request, lookup, None)
-                raise
-            if response_headers is not None:
-                response_headers.extend(reservation.headers)
-        chunks: list[str] = []
-        answer: CachedAnswer | None = None
-        used_tokens = 0
-        events = self._router.generate(request_id, principal.tier, request, prepared)
-        generating_since = clock()
-        first = True
-        try:
-            async for event in events:
-                if first:
-                    stage("first_event", clock() - generating_since)
-                    first = False
-                if event.delta:
-                    chunks.append(event.delta)
-                    # Until the final usage arrives, charge the prompt plus about one token per delta.
-                    used_tokens = prompt_tokens + len(chunks)
-                if event.usage is not None:
-                    used_tokens = event.usage.total_tokens
-                    answer = CachedAnswer(tuple(chunks), event.finish_reason, event.usage)
-                yield event
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-            # Settlement and cache release must happen even when the caller went away (task cancelled).
-            if reservation is not None:
-                await asyncio.shield(self._quotas.settle(reservation, used_tokens))  # type: ignore[union-attr]
-            await self._store(principal, route, request, lookup, answer)
+                async for event in events:
+                    if first:
+                        stage("first_event", clock() - generating_since)
+                        first = False
+                    if event.delta:
+                        chunks.append(event.delta)
+                        # Until the final usage arrives, charge the prompt plus about one token per delta.
+                        used_tokens = prompt_tokens + len(chunks)
+                    if event.usage is not None:
+                        used_tokens = event.usage.total_tokens
+                        # The router's final event. Only an answer that ended by itself (a stop, or max_tokens) is an
+                        # answer to cache; one cut short (cancelled, failed) never is.
+                        if event.finish_reason in FINISHED:
+                            answer = CachedAnswer(tuple(chunks), event.finish_reason, event.usage)
+                    yield event
+            finally:
+                try:
+                    await events.aclose()  # type: ignore[attr-defined]
+                finally:
+                    await self._finish(principal, route, request, reservation, used_tokens, lookup, answer)
 
-    async def _store(
+    async def _reserve(
+        self,
+        principal: Principal,
+        request_id: str,
+        prompt_tokens: int,
+        request: ChatRequest,
+        response_headers: list[tuple[str, str]] | None,
+    ) -> Reservation:
+        assert self._quotas is not None
+        started = self._clock()
+        max_tokens = request.sampling.max_tokens
+        try:
+            reservation = await self._quotas.reserve(principal, request_id, prompt_tokens, max_tokens)
+        except ResourceExhausted as exc:
+            self._refusals.remember(principal.key_id, exc, prompt_tokens + max_tokens)
+            raise
+        self._observer.stage("reserve", self._clock() - started)
+        if response_headers is not None:
+            response_headers.extend(reservation.headers)
+        return reservation
+
+    async def _finish(
         self,
         principal: Principal,
         route: RouteInfo,
         request: ChatRequest,
+        reservation: Reservation | None,
+        used_tokens: int,
         lookup: CacheLookup,
         answer: CachedAnswer | None,
     ) -> None:
-        """Fill (or release) the miss, also when the caller went away (shielded from its cancellation)."""
-        if self._cache is not None and lookup.store:
-            await asyncio.shield(self._cache.store(principal, route, request, lookup, answer))
+        """Settle the reservation, then fill (or release) the cache miss: in a task of its own that the caller's
+        cancellation (a client gone, a server shutting down) does not stop, tracked for `drain`."""
+        if reservation is None and not (self._cache is not None and lookup.store):
+            return
+        task = asyncio.ensure_future(self._settle_and_store(principal, route, request, reservation, used_tokens,
+                                                            lookup, answer))  # fmt: skip
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        await asyncio.shield(task)
+
+    async def _settle_and_store(
+        self,
+        principal: Principal,
+        route: RouteInfo,
+        request: ChatRequest,
+        reservation: Reservation | None,
+        used_tokens: int,
+        lookup: CacheLookup,
+        answer: CachedAnswer | None,
+    ) -> None:
+        try:
+            if reservation is not None and self._quotas is not None:
+                await self._quotas.settle(reservation, used_tokens)
+        finally:
+            if self._cache is not None and lookup.store:
+                await self._cache.store(principal, route, request, lookup, answer)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        self._streams += 1
+        try:
+            yield
+        finally:
+            self._streams -= 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the requests still in flight to finish, settlement and cache store included
+        (a stream the server cut off runs its finally a moment later, maybe in another task: its generator's
+        finalizer). Returns how many did not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self._streams or self._finishing) and (left := deadline - loop.time()) > 0:
+            if self._finishing:
+                await asyncio.wait(set(self._finishing), timeout=min(left, 0.05))
+            else:
+                await asyncio.sleep(min(left, 0.05))
+        return max(self._streams, len(self._finishing))
 
     async def complete(
         self,

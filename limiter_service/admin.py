@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -16,6 +18,7 @@ from redis.exceptions import RedisError
 
 from llmesh.apikeys import KEY_PREFIX, REDIS_KEY, hash_key, key_id_for
 from llmesh.convert import tier_from_pb, tier_to_pb
+from llmesh.tls import TlsFiles, aio_channel
 from llmesh.types import Tier
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 
@@ -24,13 +27,15 @@ class QuotaAdminError(Exception):
     pass
 
 
-async def resolve_key(key: str, tier: str | None, redis_url: str) -> tuple[str, str]:
+async def resolve_key(
+    key: str, tier: str | None, redis_url: str, redis_options: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
     """(key id, tier) for an API key or a key id."""
     digest = hash_key(key) if key.startswith(KEY_PREFIX) else None
     key_id = key_id_for(digest) if digest else key
     if tier:
         return key_id, tier
-    client = aioredis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+    client = aioredis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=2.0, **(redis_options or {}))
     try:
         names = [REDIS_KEY.format(digest=digest)] if digest else []
         if not names:
@@ -61,9 +66,19 @@ def format_status(status: limiter_pb2.QuotaStatus, now_s: float | None = None) -
     return "\n".join(lines)
 
 
-async def quota_command(action: str, key: str, tier: str | None, limiter_url: str, redis_url: str) -> int:
+async def quota_command(
+    action: str,
+    key: str,
+    tier: str | None,
+    limiter_url: str,
+    redis_url: str,
+    tls: TlsFiles | None = None,
+    redis_options: Mapping[str, Any] | None = None,
+) -> int:
+    """`tls`: a client certificate of the mesh, for a limiter that serves mutual TLS; `redis_options`: the key
+    store's credentials (llmesh.redis_auth.RedisAuth.client_options)."""
     try:
-        key_id, tier_name = await resolve_key(key, tier, redis_url)
+        key_id, tier_name = await resolve_key(key, tier, redis_url, redis_options)
     except QuotaAdminError as exc:
         print(f"llmesh: {exc}", file=sys.stderr)
         return 1
@@ -73,7 +88,7 @@ async def quota_command(action: str, key: str, tier: str | None, limiter_url: st
         print(f"llmesh: key {key_id} has an unknown tier {tier_name!r}", file=sys.stderr)
         return 1
     request = limiter_pb2.GetQuotaRequest(key_id=key_id, tier=tier_pb)
-    async with grpc.aio.insecure_channel(limiter_url) as channel:
+    async with aio_channel(limiter_url, tls) as channel:
         stub = limiter_pb2_grpc.LimiterServiceStub(channel)
         try:
             if action == "reset":

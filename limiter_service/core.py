@@ -4,6 +4,12 @@ Two stores: the shared one (Redis) and this process's own (`MemoryQuotaStore`). 
 bounded by a short timeout and goes through a circuit breaker (llmesh/breaker.py); while it is down, each tier does
 what its `on_store_failure` says: decide with the local store ("open") or refuse with Unavailable ("closed").
 Requests never probe a down store (a probe could cost a timeout): `watch_store` does, on a timer.
+
+Unknown outcomes: a store call that timed out may still run in Redis later (a paused or stopped server executes
+what it had queued). A reservation whose caller never got the answer is therefore *released* (release.lua): undone
+if it was admitted, refused if it arrives later (a tombstone that lives one lease), refused as stale if it arrives
+after a lease would have ended. The limiter releases its own timed-out reserve calls (queued until Redis answers);
+the gateway releases, by the nonce it chose, Reserve calls whose answer it did not get (`release`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from limiter_service.store import (
     NEVER,
     REFUSED_BURST,
     REFUSED_CONCURRENCY,
+    REFUSED_RELEASED,
     REFUSED_REQUESTS,
     REFUSED_TOKENS,
     Check,
@@ -208,6 +215,11 @@ class Limiter:
         # Settlements that could not reach the store; replayed when it answers again (with the time they happened,
         # so a lease that had not expired then still refunds).
         self._pending: collections.deque[tuple[str, str, int, int]] = collections.deque(maxlen=max_pending_settlements)
+        # Releases that could not reach the store: (subject, member) -> (when, origin). Origin "limiter" (this
+        # process's own timed-out reserve) is dropped if the same member is admitted after all (a retry with the
+        # same nonce); origin "gateway" (the caller gave up) always lands.
+        self._releases: dict[tuple[str, str], tuple[int, str]] = {}
+        self._max_pending = max_pending_settlements
 
     @property
     def degraded(self) -> bool:
@@ -217,6 +229,10 @@ class Limiter:
     @property
     def pending_settlements(self) -> int:
         return len(self._pending)
+
+    @property
+    def pending_releases(self) -> int:
+        return len(self._releases)
 
     def _new_nonce(self) -> str:
         # Unique across processes (random prefix) and cheap (a counter): one per admitted request.
@@ -284,7 +300,7 @@ class Limiter:
             else:
                 with contextlib.suppress(StoreUnavailable):
                     await self._remote(self._store.ping)
-                if self._pending:
+                if self._pending or self._releases:
                     await self._replay_settlements()
             self._local.sweep(self._now_ms())
             await asyncio.sleep(interval_s)
@@ -297,8 +313,35 @@ class Limiter:
             except StoreUnavailable:
                 break
             self._pending.popleft()
+        for (subject, member), (at_ms, origin) in list(self._releases.items()):
+            if not self._breaker.closed:
+                break
+            try:
+                released = await self._remote(
+                    lambda: self._store.release(subject, member, at_ms, self._lease_ms)  # noqa: B023
+                )
+            except StoreUnavailable:
+                break
+            self._releases.pop((subject, member), None)
+            self._count_release(origin, "released" if released else "none")
         if self._metrics is not None:
             self._metrics.settlements_pending.set(len(self._pending))
+            self._metrics.releases_pending.set(len(self._releases))
+
+    def _count_release(self, origin: str, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.releases.labels(origin, result).inc()
+
+    def _queue_release(self, subject: str, member: str, at_ms: int, origin: str) -> None:
+        key = (subject, member)
+        if key not in self._releases and len(self._releases) >= self._max_pending:
+            log.error("%d releases pending; dropping %s/%s (its lease still ends it)", len(self._releases), *key)
+            return
+        if self._releases.get(key, (0, ""))[1] != "gateway":
+            self._releases[key] = (at_ms, origin)
+        self._count_release(origin, "queued")
+        if self._metrics is not None:
+            self._metrics.releases_pending.set(len(self._releases))
 
     async def _check(
         self, subject: str, member: str, check: Check, mode: FailureMode, dry_run: bool = False
@@ -306,6 +349,7 @@ class Limiter:
         # `_remote` inlined: this is the hot path, and every coroutine layer is paid again at each resume.
         now = self._now_ms()
         failure: BaseException | None = None
+        sent = False  # a call went out: it may have changed the store even though no answer came
         monitor = self._loop_monitor
         first = monitor.now() if monitor is not None else 0.0
         for attempt in range(1, _STALL_MAX_ATTEMPTS + 1):
@@ -313,6 +357,7 @@ class Limiter:
                 failure = StoreUnavailable(f"circuit open: {self._breaker.last_error}")
                 break
             started = monitor.now() if monitor is not None else 0.0
+            sent = True
             try:
                 if self._timeout_s is None:  # the store bounds its own calls (socket timeouts, no retries)
                     state = await self._store.check(subject, member, now, check, dry_run)
@@ -333,7 +378,13 @@ class Limiter:
                 break
             else:
                 self._breaker.record_success()
+                if self._releases and self._releases.get((subject, member), (0, ""))[1] == "limiter":
+                    del self._releases[(subject, member)]  # admitted after all, on a retry with the same nonce
                 return state, REMOTE
+        if sent and not dry_run and (check.lease_ms > 0 or check.tokens > 0):
+            # No answer, so no way to know whether Redis admitted it (or will, once it runs what it has queued).
+            # This decision is taken elsewhere (locally or refused): undo the remote one, whenever Redis answers.
+            self._queue_release(subject, member, now, "limiter")
         if mode is FailureMode.CLOSED:
             raise Unavailable(
                 "quota store unavailable and this tier fails closed (on_store_failure = closed); retry shortly"
@@ -370,6 +421,12 @@ class Limiter:
             self._record(tier_name, "none", "unavailable", REMOTE, started, "reserve")
             raise
         views = _views(limits, state)
+        if state.refused == REFUSED_RELEASED:
+            self._record(tier_name, "none", "unavailable", origin, started, "reserve")
+            raise Unavailable(
+                f"reservation {nonce} was released before it was admitted (its caller gave up on it); retry with a "
+                "new nonce"
+            )
         if state.admitted:
             self._record(tier_name, "none", "allowed", origin, started, "reserve")
             return Decision(True, f"{origin}/{tier_name}/{quota.subject}/{nonce}", "", 0, views, "", origin == LOCAL)
@@ -434,6 +491,25 @@ class Limiter:
         if self._metrics is not None:
             self._metrics.check_seconds.labels("settle").observe(time.perf_counter() - started)
         return settled
+
+    async def release(self, key_id: str, tier_name: str, nonce: str) -> bool:
+        """Give back the reservation that Reserve(key_id, tier, nonce) made or will make: its caller never got the
+        answer (it timed out, was cancelled, or shut down). True if an admitted reservation was undone; False if
+        there was none (yet: a Reserve with this nonce arriving later is refused) or Redis is down (queued)."""
+        _valid_id("key_id", key_id)
+        tier = _tier(tier_name)
+        _valid_id("nonce", nonce)
+        subject = self.policy.policy.quota(key_id, tier).subject
+        now = self._now_ms()
+        # Either store may hold it: the local one if it was decided while Redis was down.
+        released = await self._local.release(subject, nonce, now, self._lease_ms)
+        try:
+            remote = await self._remote(lambda: self._store.release(subject, nonce, now, self._lease_ms))
+        except StoreUnavailable:
+            self._queue_release(subject, nonce, now, "gateway")
+            return released
+        self._count_release("gateway", "released" if remote or released else "none")
+        return remote or released
 
     # --- admin --------------------------------------------------------------------------------------------------
 

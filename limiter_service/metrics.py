@@ -42,6 +42,19 @@ class LimiterMetrics:
             "Settlements waiting for Redis to come back (their reservations stay charged in full meanwhile).",
             registry=registry,
         )
+        self.releases = Counter(
+            "llmesh_limiter_releases_total",
+            "Reservations given back because their outcome was unknown to the caller (a timed-out or cancelled "
+            "Reserve, a gateway shutting down); origin: gateway (Release calls) or limiter (its own Redis call "
+            "timed out); result: released (an admitted use was undone), none (nothing had been admitted), queued.",
+            ["origin", "result"],
+            registry=registry,
+        )
+        self.releases_pending = Gauge(
+            "llmesh_limiter_releases_pending",
+            "Releases waiting for Redis to come back.",
+            registry=registry,
+        )
         self.policy_reloads = Counter(
             "llmesh_limiter_policy_reloads_total",
             "Policy file changes seen; result: applied or refused (the previous policy stays).",

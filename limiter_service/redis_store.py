@@ -1,6 +1,6 @@
 """The quota store in Redis (one server or a Redis Cluster): every operation is one Lua script, one round trip.
 
-Keys: `llmesh:quota:{<subject>}:log|tok|act`. The braces are a hash tag, so all of one subject's state sits in one
+Keys: `llmesh:quota:{<subject>}:log|tok|act|rel`. The braces are a hash tag, so all of one subject's state sits in one
 Cluster slot and a script can touch it atomically.
 
 The hot path sends a pre-encoded EVALSHA on a pooled redis-py connection and reads one reply: redis-py's generic
@@ -14,7 +14,7 @@ import bisect
 import functools
 import hashlib
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -44,8 +44,10 @@ _ERRORS = (RedisError, RedisClusterException, OSError)
 _LUA_DIR = Path(__file__).resolve().parent / "lua"
 RESERVE_LUA = (_LUA_DIR / "reserve.lua").read_text()
 SETTLE_LUA = (_LUA_DIR / "settle.lua").read_text()
+RELEASE_LUA = (_LUA_DIR / "release.lua").read_text()
 RESERVE_SHA = hashlib.sha1(RESERVE_LUA.encode()).hexdigest()
 SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode()).hexdigest()
+RELEASE_SHA = hashlib.sha1(RELEASE_LUA.encode()).hexdigest()
 _CHECK = struct.Struct("<11d")
 _STATE = struct.Struct("<9d")
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
@@ -57,10 +59,11 @@ def _encode_check(now_ms: int, c: Check, dry_run: bool) -> bytes:
 
 
 @functools.lru_cache(maxsize=65536)
-def _keys(subject: str) -> tuple[str, str, str]:
+def _keys(subject: str) -> tuple[str, str, str, str]:
     if "{" in subject or "}" in subject:
         raise ValueError(f"subject {subject!r} must not contain braces (they delimit the hash tag)")
-    return (f"llmesh:quota:{{{subject}}}:log", f"llmesh:quota:{{{subject}}}:tok", f"llmesh:quota:{{{subject}}}:act")
+    prefix = f"llmesh:quota:{{{subject}}}:"
+    return prefix + "log", prefix + "tok", prefix + "act", prefix + "rel"
 
 
 def redis_keys(subject: str) -> list[str]:
@@ -77,9 +80,9 @@ def _bulk(value: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=65536)
 def _evalsha_head(sha: str, subject: str, n_args: int) -> bytes:
-    """RESP for `EVALSHA sha 3 key1 key2 key3`, followed by n_args more arguments."""
+    """RESP for `EVALSHA sha 4 key1 key2 key3 key4`, followed by n_args more arguments."""
     keys = b"".join(_bulk(k.encode()) for k in _keys(subject))
-    return b"*%d\r\n$7\r\nEVALSHA\r\n%s$1\r\n3\r\n%s" % (6 + n_args, _bulk(sha.encode()), keys)
+    return b"*%d\r\n$7\r\nEVALSHA\r\n%s$1\r\n4\r\n%s" % (7 + n_args, _bulk(sha.encode()), keys)
 
 
 def pack_evalsha(sha: str, subject: str, *args: bytes) -> bytes:
@@ -113,8 +116,10 @@ class NodeClient:
         await self.client.aclose()
 
 
-def _client_options(timeout_s: float) -> dict[str, Any]:
+def _client_options(timeout_s: float, auth: Mapping[str, Any]) -> dict[str, Any]:
     return {
+        # Credentials (llmesh.redis_auth.RedisAuth.client_options): password, TLS files.
+        **auth,
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         # No retries: the socket timeouts then bound every call (connect, write, read) without an outer timer.
@@ -129,8 +134,8 @@ def _client_options(timeout_s: float) -> dict[str, Any]:
 class SingleRedis:
     """A single Redis server."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self.node = NodeClient(aioredis.from_url(url, **_client_options(timeout_s)))
+    def __init__(self, url: str, timeout_s: float, auth: Mapping[str, Any] | None = None) -> None:
+        self.node = NodeClient(aioredis.from_url(url, **_client_options(timeout_s, auth or {})))
 
     async def on_key(self, key: str, call: Callable[[NodeClient, bool], Awaitable[T]]) -> T:
         return await call(self.node, False)
@@ -150,10 +155,13 @@ class SlotRouter:
     key this store sends in one command shares a hash tag, so routing by the first key is enough.
     """
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, auth: Mapping[str, Any] | None = None) -> None:
         parsed = urlparse(url)
         self._seed = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
-        self._options = _client_options(timeout_s)
+        # Every node gets the same credentials, and TLS when the seed's URL is rediss://.
+        self._options = _client_options(timeout_s, auth or {})
+        if parsed.scheme == "rediss":
+            self._options["ssl"] = True
         self._nodes: dict[tuple[str, int], NodeClient] = {}
         self._starts: list[int] = []  # slot ranges, sorted by first slot
         self._ends: list[int] = []
@@ -219,9 +227,12 @@ class SlotRouter:
             await node.aclose()
 
 
-def connect(url: str, cluster: bool, timeout_s: float) -> SingleRedis | SlotRouter:
-    """A client with short socket timeouts; it connects lazily, so building it never waits on Redis."""
-    return SlotRouter(url, timeout_s) if cluster else SingleRedis(url, timeout_s)
+def connect(
+    url: str, cluster: bool, timeout_s: float, auth: Mapping[str, Any] | None = None
+) -> SingleRedis | SlotRouter:
+    """A client with short socket timeouts; it connects lazily, so building it never waits on Redis. `auth`: more
+    redis-py client arguments, the credentials (llmesh.redis_auth.RedisAuth.client_options)."""
+    return SlotRouter(url, timeout_s, auth) if cluster else SingleRedis(url, timeout_s, auth)
 
 
 class RedisQuotaStore:
@@ -261,6 +272,11 @@ class RedisQuotaStore:
     async def settle(self, subject: str, member: str, used_tokens: int, now_ms: int) -> bool:
         packed = pack_evalsha(SETTLE_SHA, subject, member.encode(), b"%d" % used_tokens, b"%d" % now_ms)
         reply = await self._script(SETTLE_LUA, subject, packed)
+        return bool(int(reply))
+
+    async def release(self, subject: str, member: str, now_ms: int, keep_ms: int) -> bool:
+        packed = pack_evalsha(RELEASE_SHA, subject, member.encode(), b"%d" % now_ms, b"%d" % keep_ms)
+        reply = await self._script(RELEASE_LUA, subject, packed)
         return bool(int(reply))
 
     async def reset(self, subject: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -25,8 +26,11 @@ from limiter_service.policy import DEFAULT_POLICY_FILE, PolicySource
 from limiter_service.redis_store import RedisQuotaStore, connect
 from llmesh import grpc_util
 from llmesh.convert import tier_from_pb, tier_to_pb
+from llmesh.errors import DeadlineExceeded
 from llmesh.logs import REQUEST_ID
 from llmesh.metrics import serve_metrics
+from llmesh.redis_auth import redis_auth
+from llmesh.tls import TlsFiles, add_port
 from llmesh.v1 import limiter_pb2, limiter_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,11 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
         self, request: limiter_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> limiter_pb2.ReserveResponse:
         REQUEST_ID.set(request.request_id)  # so a refusal's log line carries the gateway's request id
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # The caller has given up (this process was stalled or stopped meanwhile): admitting now would only
+            # leave a reservation for its release to undo.
+            raise DeadlineExceeded("the caller's deadline passed before the limiter got to this request")
         decision = await self._limiter.reserve(
             request.key_id, tier_from_pb(request.tier).value, request.prompt_tokens, request.max_tokens, request.nonce
         )
@@ -87,6 +96,14 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
     ) -> limiter_pb2.SettleResponse:
         settled = await self._limiter.settle(request.reservation_id, request.used_tokens)
         return limiter_pb2.SettleResponse(settled=settled)
+
+    @grpc_util.unary_errors
+    async def Release(
+        self, request: limiter_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> limiter_pb2.ReleaseResponse:
+        REQUEST_ID.set(request.request_id)
+        released = await self._limiter.release(request.key_id, tier_from_pb(request.tier).value, request.nonce)
+        return limiter_pb2.ReleaseResponse(released=released)
 
     @grpc_util.unary_errors
     async def GetQuota(
@@ -140,7 +157,11 @@ async def serve(settings: LimiterSettings) -> None:
     policy = PolicySource(settings.policy_file or DEFAULT_POLICY_FILE)
     registry = CollectorRegistry()
     metrics = LimiterMetrics(registry)
-    store = RedisQuotaStore(connect(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s))
+    tls = TlsFiles.of(settings)
+    redis_options = redis_auth(settings, os.environ).client_options(settings.redis_url)
+    store = RedisQuotaStore(
+        connect(settings.redis_url, settings.redis_cluster, settings.redis_timeout_s, redis_options)
+    )
     server = grpc.aio.server(options=grpc_util.server_options())
     health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME, RLS_SERVICE_NAME])
 
@@ -169,7 +190,7 @@ async def serve(settings: LimiterSettings) -> None:
     limiter_pb2_grpc.add_LimiterServiceServicer_to_server(LimiterServicer(limiter), server)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter), server)
     address = f"{settings.host}:{settings.port}"
-    server.add_insecure_port(address)
+    add_port(server, address, tls)
     serve_metrics(registry, settings.host, settings.metrics_port)
     await server.start()
     # The background work, cancelled and awaited on shutdown. watch_store is the one place Redis is probed (and
@@ -194,8 +215,13 @@ async def serve(settings: LimiterSettings) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if limiter.pending_settlements:
+    if limiter.pending_settlements or limiter.pending_releases:
+        await limiter.probe_store()  # one last try: replays what is pending if Redis answers now
+    if limiter.pending_settlements or limiter.pending_releases:
         log.warning(
-            "%d settlements never reached Redis; those reservations stay charged in full", limiter.pending_settlements
+            "%d settlements and %d releases never reached Redis; those reservations stay charged in full until "
+            "their leases end",
+            limiter.pending_settlements,
+            limiter.pending_releases,
         )
     await store.close()

@@ -16,6 +16,9 @@ UNLIMITED = -1
 
 # Values of `WindowState.refused`, shared with the Lua script.
 REFUSED_NONE, REFUSED_REQUESTS, REFUSED_BURST, REFUSED_TOKENS, REFUSED_CONCURRENCY = 0, 1, 2, 3, 4
+# The use was released before it was admitted (its caller gave up on the answer), or arrived stale: its stamp plus
+# its lease is not after a use logged since. Never admitted, whatever the limits say.
+REFUSED_RELEASED = 5
 # A use stamped at or before the newest logged one is logged this much after it (reserve.lua does the same).
 TIE_MS = 0.001
 NEVER = -1  # retry_after_ms when the use can never fit (a limit of 0, or more tokens than the whole budget)
@@ -66,6 +69,12 @@ class QuotaStore(Protocol):
         """Charge `used_tokens` instead of the reservation and free the slot; False if nothing was open."""
         ...
 
+    async def release(self, subject: str, member: str, now_ms: int, keep_ms: int) -> bool:
+        """Undo a use whose caller never got the check's answer (timeout, cancellation, shutdown): if admitted, it
+        is forgotten (not counted, tokens refunded, slot freed); if its check has not arrived yet, a check of
+        `member` within `keep_ms` is refused. True when an admitted use was given back. Idempotent."""
+        ...
+
     async def reset(self, subject: str) -> None: ...
 
     async def ping(self) -> None:
@@ -80,6 +89,7 @@ class _Subject:
     total_tokens: int = 0
     active: dict[str, int] = field(default_factory=dict)  # member -> lease deadline ms
     members: set[str] = field(default_factory=set)  # of `log`, for the retry check
+    released: dict[str, int] = field(default_factory=dict)  # member -> refused until (ms)
     expires_ms: int = 0
 
 
@@ -111,6 +121,8 @@ class MemoryQuotaStore:
         del s.log[:cut]
         for member in [m for m, deadline in s.active.items() if deadline <= now_ms]:
             del s.active[member]
+        for member in [m for m, until in s.released.items() if until <= now_ms]:
+            del s.released[member]
 
     def _state(self, s: _Subject, now_ms: int, c: Check, admitted: bool, refused: int, retry: int) -> WindowState:
         short_from = bisect.bisect_right(s.log, (now_ms - c.short_window_ms, "\U0010ffff"))
@@ -130,6 +142,8 @@ class MemoryQuotaStore:
         c = check
         s = self._subjects.get(subject) or _Subject()
         self._expire(s, now_ms, c.window_ms)
+        if not dry_run and member in s.released:
+            return self._state(s, now_ms, c, False, REFUSED_RELEASED, NEVER)
         if member in s.members:
             # A retry: the counts as they were just after it (the log is in admission order).
             state = self._state(s, now_ms, c, True, REFUSED_NONE, 0)
@@ -179,6 +193,8 @@ class MemoryQuotaStore:
             return self._state(s, now_ms, c, False, refused, retry)
         if dry_run:
             return self._state(s, now_ms, c, True, REFUSED_NONE, 0)
+        if c.lease_ms > 0 and s.log and now_ms + c.lease_ms <= s.log[-1][0]:
+            return self._state(s, now_ms, c, False, REFUSED_RELEASED, NEVER)
         # Times only grow, so the log's order is admission order even when `now_ms` is behind the newest use.
         at_ms: float = now_ms if not s.log or s.log[-1][0] < now_ms else s.log[-1][0] + TIE_MS
         for i in range(c.hits):
@@ -205,3 +221,17 @@ class MemoryQuotaStore:
             s.total_tokens += used_tokens - s.tokens[member]
             s.tokens[member] = used_tokens
         return True
+
+    async def release(self, subject: str, member: str, now_ms: int, keep_ms: int) -> bool:
+        s = self._subjects.get(subject)
+        if s is None:
+            s = self._subjects[subject] = _Subject()
+        s.released[member] = now_ms + keep_ms  # pruned by _expire once past
+        s.expires_ms = max(s.expires_ms, now_ms + keep_ms)
+        released = s.active.pop(member, None) is not None
+        if member in s.members:
+            released = True
+            s.members.discard(member)
+            s.log = [(at, m) for at, m in s.log if m != member]
+            s.total_tokens -= s.tokens.pop(member, 0)
+        return released

@@ -23,10 +23,23 @@ class RouterSettings:
     default_variant: str = ""
     # Upper bound on one generation, end to end.
     generate_timeout_s: float = 300.0
+    # A Triton stream silent for half this is followed by a ServerLive check; a replica that leaves that unanswered
+    # for the other half too is hung, and the request fails over (llmesh/budgets.py). Generous: a false verdict
+    # under heavy load fails a request over and counts against the replica's health.
+    triton_hang_budget_s: float = 10.0
     # Active health checks of every replica; a failing replica is ejected until a check passes again.
     health_interval_s: float = 1.0
     metrics_port: int = 0
     log_level: str = "info"
+    # Mutual TLS (llmesh/tls.py): the mesh's CA, this service's certificate and its key (PEM files). All three, or
+    # none (plaintext, development only). With them, the service refuses callers without a certificate the CA
+    # signed, and presents its own to the services it calls. `llmesh up` generates and sets them.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Use the same files on the Triton hop (tritonserver --grpc-use-ssl-mutual). `llmesh up` turns it on for the
+    # tritonservers it starts; an external Triton is reached as configured here.
+    triton_tls: bool = False
 
     def replica_urls(self) -> tuple[list[str], list[str]]:
         def split(value: str) -> list[str]:

@@ -24,6 +24,7 @@ from llmesh.convert import (
     usage_to_pb,
 )
 from llmesh.metrics import serve_metrics
+from llmesh.tls import TlsFiles, add_port
 from llmesh.v1 import router_pb2, router_pb2_grpc
 from router.config import RouterSettings
 from router.load import LoadTracker
@@ -122,7 +123,12 @@ async def serve(settings: RouterSettings) -> None:
         """SERVING while at least one replica has no variant ejected."""
         grpc_util.set_serving(health_servicer, [SERVICE_NAME], healthy > 0)
 
-    replicas = [TritonReplica(url, settings.generate_timeout_s) for url in shared_urls + dedicated_urls]
+    tls = TlsFiles.of(settings)
+    triton_tls = tls if settings.triton_tls else None
+    replicas = [
+        TritonReplica(url, settings.generate_timeout_s, triton_tls, settings.triton_hang_budget_s)
+        for url in shared_urls + dedicated_urls
+    ]
     pool = ReplicaPool(
         (ReplicaState(replica, dedicated=replica.name in dedicated_urls) for replica in replicas),
         on_healthy_change=report_replicas,
@@ -135,7 +141,7 @@ async def serve(settings: RouterSettings) -> None:
 
     router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
     address = f"{settings.host}:{settings.port}"
-    server.add_insecure_port(address)
+    add_port(server, address, tls)
     await pool.probe(list(variants))
     await server.start()
     report_replicas(pool.healthy_count())

@@ -14,8 +14,10 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from llmesh.budgets import CHANNEL_OPTIONS, Watchdog
 from llmesh.errors import Internal, InvalidRequest, Unavailable
 from llmesh.grpc_util import error_from_rpc
+from llmesh.tls import TlsFiles, aio_channel
 from llmesh.types import SamplingParams, Tier
 from router.tokens import TokenChunk
 
@@ -85,11 +87,15 @@ def parse_response(response: service_pb2.ModelInferResponse) -> tuple[TokenChunk
 class TritonReplica:
     """One tritonserver process, reached over gRPC."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, tls: TlsFiles | None = None, hang_budget_s: float = 10.0) -> None:
         self._url = url
-        self._channel = grpc.aio.insecure_channel(url)
+        self._channel = aio_channel(url, tls, CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout_s = timeout_s
+        # A stream silent for half the budget is followed by ServerLive; a Triton that leaves that unanswered too is
+        # hung (stopped, wedged): the stream ends with UNAVAILABLE, and before the first token the router fails over.
+        # A live Triton (a request queued behind others, a slow first token) is waited for up to timeout_s.
+        self._watchdog = Watchdog.with_budget("triton", self._live, hang_budget_s)
         # variant -> the model's dynamic_batching.priority_levels (0 = priorities not configured).
         self._priority_levels: dict[str, int] = {}
 
@@ -99,6 +105,9 @@ class TritonReplica:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def _live(self, timeout_s: float) -> None:
+        await self._stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout_s)
 
     async def ready(self, variant: str) -> bool:
         try:
@@ -110,7 +119,8 @@ class TritonReplica:
     async def _priority(self, variant: str, tier: Tier) -> int:
         """Triton priority for the tier: 1 (highest) for paid and enterprise, the lowest level for free."""
         if variant not in self._priority_levels:
-            reply = await self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=variant), timeout=5.0)
+            config = self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=variant), timeout=5.0)
+            reply = await self._watchdog.call(config)
             self._priority_levels[variant] = int(reply.config.dynamic_batching.priority_levels)
         levels = self._priority_levels[variant]
         if levels == 0:
@@ -126,7 +136,8 @@ class TritonReplica:
         except grpc.RpcError as err:
             raise error_from_rpc(err, f"triton {self._url} ({variant})") from err
         try:
-            async for reply in call:
+            while (reply := await self._watchdog.call(call.read())) is not grpc.aio.EOF:
+                assert isinstance(reply, service_pb2.ModelStreamInferResponse)
                 if reply.error_message:
                     # Over streaming gRPC only the message arrives, not the code; the model marks bad input.
                     if INVALID_REQUEST_PREFIX in reply.error_message:

@@ -5,15 +5,18 @@
 --   2 tok: hash, member -> tokens charged for that use; field '#' -> sum over the window; field 'e' -> when
 --          the three keys expire (ms).
 --   3 act: zset, member -> lease deadline (ms). Admitted and not settled yet.
+--   4 rel: zset, member -> until (ms). Uses released before (or without) an answer (release.lua): a reserve of
+--          such a member that reaches Redis late (it was queued behind a pause or a stalled server) is refused.
 -- ARGV: 1 member, 2 the check as 11 little-endian doubles (exact for integers below 2^53): now_ms, window_ms,
 --       request_limit, token_limit, short_window_ms, burst_limit, concurrency_limit, hits, tokens, lease_ms,
 --       dry_run (1: report, change nothing) -- `Check` in store.py, in its field order. One packed argument in, one packed string out: with a pure-Python
 --       client, encoding and parsing each element costs more than the script itself.
 -- Limits below 0 are unlimited. Windows slide: a use at time t counts while now < t + window.
 -- Returns 9 packed doubles: admitted, refused, retry_ms, requests, burst, tokens, active, oldest_ms, oldest_burst_ms.
--- refused: 0 none, 1 requests, 2 burst, 3 tokens, 4 concurrency; retry_ms -1 = can never fit.
+-- refused: 0 none, 1 requests, 2 burst, 3 tokens, 4 concurrency, 5 released (the caller gave this use up before
+-- it got an answer, or the call arrived after its own lease would have ended: stale); retry_ms -1 = can never fit.
 -- Keep in step with MemoryQuotaStore (limiter_service/store.py); the same tests run against both.
-local log, tok, act = KEYS[1], KEYS[2], KEYS[3]
+local log, tok, act, rel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member = ARGV[1]
 local now, window, req_limit, tok_limit, short, burst_limit, conc_limit, hits, need, lease, dry_flag =
   struct.unpack('<ddddddddddd', ARGV[2])
@@ -63,6 +66,14 @@ end
 
 local function state(admitted, refused, retry)
   return struct.pack('<ddddddddd', admitted, refused, retry, requests, burst, spent, active, oldest, oldest_burst)
+end
+
+-- A use its caller released before any answer reached it must not start now (see release.lua).
+if not dry then
+  local released_until = redis.call('ZSCORE', rel, member)
+  if released_until and tonumber(released_until) > now then
+    return state(0, 5, -1)
+  end
 end
 
 -- The same member again is a retry of an admitted use: admit it once, and report the counts as they were just
@@ -139,10 +150,15 @@ if dry then
   return state(1, 0, 0)
 end
 
+local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
+-- A call stamped so long ago that its lease would already be over (other callers have logged uses since): it
+-- waited in a queue (a paused or stopped server) and its caller has long given up. Never admit it.
+if lease > 0 and #newest == 2 and now + lease <= tonumber(newest[2]) then
+  return state(0, 5, -1)
+end
 -- Scores only grow, so rank is admission order even when a caller's `now` is behind a logged use (see above):
 -- a use stamped at or before the newest one is logged a microsecond after it.
 local at = now
-local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
 if #newest == 2 and tonumber(newest[2]) >= now then
   at = tonumber(newest[2]) + 0.001
 end

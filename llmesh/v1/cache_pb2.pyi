@@ -23,15 +23,17 @@ class CacheKey(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
 
 class CacheLookupRequest(_message.Message):
-    __slots__ = ("key", "max_wait_ms")
+    __slots__ = ("key", "max_wait_ms", "no_wait")
     KEY_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
     key: CacheKey
     max_wait_ms: int
-    def __init__(self, key: _Optional[_Union[CacheKey, _Mapping]] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
+    no_wait: bool
+    def __init__(self, key: _Optional[_Union[CacheKey, _Mapping]] = ..., max_wait_ms: _Optional[int] = ..., no_wait: _Optional[bool] = ...) -> None: ...
 
 class CacheLookupResponse(_message.Message):
-    __slots__ = ("hit", "layer", "chunks", "finish_reason", "usage", "similarity", "store", "flight_token")
+    __slots__ = ("hit", "layer", "chunks", "finish_reason", "usage", "similarity", "store", "flight_token", "in_flight")
     HIT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class CacheLookupResponse(_message.Message):
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     FLIGHT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     layer: str
     chunks: _containers.RepeatedScalarFieldContainer[str]
@@ -48,7 +51,8 @@ class CacheLookupResponse(_message.Message):
     similarity: float
     store: bool
     flight_token: str
-    def __init__(self, hit: _Optional[bool] = ..., layer: _Optional[str] = ..., chunks: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., similarity: _Optional[float] = ..., store: _Optional[bool] = ..., flight_token: _Optional[str] = ...) -> None: ...
+    in_flight: bool
+    def __init__(self, hit: _Optional[bool] = ..., layer: _Optional[str] = ..., chunks: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., similarity: _Optional[float] = ..., store: _Optional[bool] = ..., flight_token: _Optional[str] = ..., in_flight: _Optional[bool] = ...) -> None: ...
 
 class CacheStoreRequest(_message.Message):
     __slots__ = ("key", "chunks", "finish_reason", "usage", "failed", "flight_token")

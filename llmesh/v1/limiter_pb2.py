@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmesh/v1/limiter.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"\x93\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x1d\n\x04tier\x18\x07 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\r\n\x05nonce\x18\x06 \x01(\tJ\x04\x08\x03\x10\x04\"S\n\nQuotaState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x15\n\rreset_unix_ms\x18\x04 \x01(\x03\"\xb0\x01\n\x0fReserveResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x12\n\nrefused_by\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x03\x12%\n\x06quotas\x18\x05 \x03(\x0b\x32\x15.llmesh.v1.QuotaState\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\"<\n\rSettleRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x13\n\x0bused_tokens\x18\x02 \x01(\x05\"\'\n\x0eSettleResponse\x12\x0f\n\x07settled\x18\x02 \x01(\x08J\x04\x08\x01\x10\x02\"F\n\x0fGetQuotaRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.llmesh.v1.TierJ\x04\x08\x02\x10\x03\"\xc3\x01\n\x0bQuotaStatus\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x08 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12%\n\x06quotas\x18\x04 \x03(\x0b\x32\x15.llmesh.v1.QuotaState\x12\x1b\n\x13\x61\x63tive_reservations\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x18\n\x10on_store_failure\x18\x07 \x01(\tJ\x04\x08\x02\x10\x03\x32\x93\x02\n\x0eLimiterService\x12@\n\x07Reserve\x12\x19.llmesh.v1.ReserveRequest\x1a\x1a.llmesh.v1.ReserveResponse\x12=\n\x06Settle\x12\x18.llmesh.v1.SettleRequest\x1a\x19.llmesh.v1.SettleResponse\x12>\n\x08GetQuota\x12\x1a.llmesh.v1.GetQuotaRequest\x1a\x16.llmesh.v1.QuotaStatus\x12@\n\nResetQuota\x12\x1a.llmesh.v1.GetQuotaRequest\x1a\x16.llmesh.v1.QuotaStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmesh/v1/limiter.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"\x93\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x1d\n\x04tier\x18\x07 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\r\n\x05nonce\x18\x06 \x01(\tJ\x04\x08\x03\x10\x04\"S\n\nQuotaState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x15\n\rreset_unix_ms\x18\x04 \x01(\x03\"\xb0\x01\n\x0fReserveResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x12\n\nrefused_by\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x03\x12%\n\x06quotas\x18\x05 \x03(\x0b\x32\x15.llmesh.v1.QuotaState\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\"<\n\rSettleRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x13\n\x0bused_tokens\x18\x02 \x01(\x05\"\'\n\x0eSettleResponse\x12\x0f\n\x07settled\x18\x02 \x01(\x08J\x04\x08\x01\x10\x02\"b\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\r\n\x05nonce\x18\x04 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"F\n\x0fGetQuotaRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x03 \x01(\x0e\x32\x0f.llmesh.v1.TierJ\x04\x08\x02\x10\x03\"\xc3\x01\n\x0bQuotaStatus\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x08 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12%\n\x06quotas\x18\x04 \x03(\x0b\x32\x15.llmesh.v1.QuotaState\x12\x1b\n\x13\x61\x63tive_reservations\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x18\n\x10on_store_failure\x18\x07 \x01(\tJ\x04\x08\x02\x10\x03\x32\xd5\x02\n\x0eLimiterService\x12@\n\x07Reserve\x12\x19.llmesh.v1.ReserveRequest\x1a\x1a.llmesh.v1.ReserveResponse\x12=\n\x06Settle\x12\x18.llmesh.v1.SettleRequest\x1a\x19.llmesh.v1.SettleResponse\x12@\n\x07Release\x12\x19.llmesh.v1.ReleaseRequest\x1a\x1a.llmesh.v1.ReleaseResponse\x12>\n\x08GetQuota\x12\x1a.llmesh.v1.GetQuotaRequest\x1a\x16.llmesh.v1.QuotaStatus\x12@\n\nResetQuota\x12\x1a.llmesh.v1.GetQuotaRequest\x1a\x16.llmesh.v1.QuotaStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,10 +43,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETTLEREQUEST']._serialized_end=536
   _globals['_SETTLERESPONSE']._serialized_start=538
   _globals['_SETTLERESPONSE']._serialized_end=577
-  _globals['_GETQUOTAREQUEST']._serialized_start=579
-  _globals['_GETQUOTAREQUEST']._serialized_end=649
-  _globals['_QUOTASTATUS']._serialized_start=652
-  _globals['_QUOTASTATUS']._serialized_end=847
-  _globals['_LIMITERSERVICE']._serialized_start=850
-  _globals['_LIMITERSERVICE']._serialized_end=1125
+  _globals['_RELEASEREQUEST']._serialized_start=579
+  _globals['_RELEASEREQUEST']._serialized_end=677
+  _globals['_RELEASERESPONSE']._serialized_start=679
+  _globals['_RELEASERESPONSE']._serialized_end=714
+  _globals['_GETQUOTAREQUEST']._serialized_start=716
+  _globals['_GETQUOTAREQUEST']._serialized_end=786
+  _globals['_QUOTASTATUS']._serialized_start=789
+  _globals['_QUOTASTATUS']._serialized_end=984
+  _globals['_LIMITERSERVICE']._serialized_start=987
+  _globals['_LIMITERSERVICE']._serialized_end=1328
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,24 @@ class SettleResponse(_message.Message):
     settled: bool
     def __init__(self, settled: _Optional[bool] = ...) -> None: ...
 
+class ReleaseRequest(_message.Message):
+    __slots__ = ("request_id", "key_id", "tier", "nonce")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    key_id: str
+    tier: _common_pb2.Tier
+    nonce: str
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., nonce: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
 class GetQuotaRequest(_message.Message):
     __slots__ = ("key_id", "tier")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]

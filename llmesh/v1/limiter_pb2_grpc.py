@@ -45,6 +45,11 @@ class LimiterServiceStub:
                 request_serializer=llmesh_dot_v1_dot_limiter__pb2.SettleRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_limiter__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/llmesh.v1.LimiterService/Release',
+                request_serializer=llmesh_dot_v1_dot_limiter__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_limiter__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.GetQuota = channel.unary_unary(
                 '/llmesh.v1.LimiterService/GetQuota',
                 request_serializer=llmesh_dot_v1_dot_limiter__pb2.GetQuotaRequest.SerializeToString,
@@ -77,6 +82,16 @@ class LimiterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Give back the reservation a Reserve with this nonce made, or will make: for a caller that never got Reserve's
+        answer (its deadline passed, it was cancelled or is shutting down). An admitted reservation is undone (not
+        counted, tokens refunded, slot freed); a Reserve with the nonce that reaches the quota store later is refused.
+        Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetQuota(self, request, context):
         """Current state of one key's quotas, without using any (for `llmesh quota show`).
         """
@@ -103,6 +118,11 @@ def add_LimiterServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=llmesh_dot_v1_dot_limiter__pb2.SettleRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_limiter__pb2.SettleResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=llmesh_dot_v1_dot_limiter__pb2.ReleaseRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_limiter__pb2.ReleaseResponse.SerializeToString,
             ),
             'GetQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.GetQuota,
@@ -169,6 +189,33 @@ class LimiterService:
             '/llmesh.v1.LimiterService/Settle',
             llmesh_dot_v1_dot_limiter__pb2.SettleRequest.SerializeToString,
             llmesh_dot_v1_dot_limiter__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.LimiterService/Release',
+            llmesh_dot_v1_dot_limiter__pb2.ReleaseRequest.SerializeToString,
+            llmesh_dot_v1_dot_limiter__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

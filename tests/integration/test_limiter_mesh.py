@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from control.envoy_config import EdgeConfig, envoy_command, render
-from control.process import ManagedProcess, free_port, free_ports, grpc_health_probe, http_ok_probe
+from control.process import ManagedProcess, free_port, free_ports, http_ok_probe
 from llmesh.apikeys import hash_key, key_id_for
 from llmesh.convert import tier_to_pb
 from llmesh.types import Tier
@@ -39,10 +39,11 @@ def second_gateway(mesh: RunningMesh, tmp_path_factory: pytest.TempPathFactory) 
         "--limiter-url", mesh.limiter_target,
         "--cache-url", f"127.0.0.1:{s.cache.port}" if s.cache_enabled else "",
         "--metrics-port", "0",
+        *mesh.tls_flags("gateway"),
     ]  # fmt: skip
     proc = ManagedProcess("gateway-2", argv, tmp_path_factory.mktemp("gateway-2") / "gateway.log").start()
     try:
-        proc.wait_ready(grpc_health_probe(f"127.0.0.1:{port}"), timeout=60)
+        proc.wait_ready(mesh.health_probe(f"127.0.0.1:{port}"), timeout=60)
         yield f"127.0.0.1:{port}"
     finally:
         proc.stop()
@@ -61,6 +62,7 @@ def edge_over_both(mesh: RunningMesh, second_gateway: str, tmp_path_factory: pyt
                 admin_port=admin,
                 gateways=(("127.0.0.1", mesh.settings.gateway.port), (host, int(gw2))),
                 limiter=("127.0.0.1", mesh.settings.limiter.port),
+                upstream_tls=mesh.tls("envoy"),
             )
         )
     )
@@ -84,7 +86,7 @@ def prompt(i: int) -> list[common_pb2.ChatMessage]:
 
 
 def quota_status(mesh: RunningMesh, key_id: str, tier: str) -> limiter_pb2.QuotaStatus:
-    with grpc.insecure_channel(mesh.limiter_target) as channel:
+    with mesh.channel(mesh.limiter_target) as channel:
         stub = limiter_pb2_grpc.LimiterServiceStub(channel)
         request = limiter_pb2.GetQuotaRequest(key_id=key_id, tier=tier_to_pb(Tier(tier)))
         return stub.GetQuota(request, timeout=5)
@@ -107,7 +109,7 @@ def test_exactly_20_of_200_concurrent_over_two_gateways_grpc(mesh: RunningMesh, 
         return code, initial, trailing
 
     async def burst() -> list[tuple[str, dict[str, str], dict[str, str]]]:
-        channels = [grpc.aio.insecure_channel(t) for t in (mesh.gateway_target, second_gateway)]
+        channels = [mesh.aio_channel(t) for t in (mesh.gateway_target, second_gateway)]
         stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
         try:
             return await asyncio.gather(*(one(stubs[i % 2], i) for i in range(N)))
@@ -231,8 +233,8 @@ def test_edge_per_key_limit_answers_429_before_the_gateway(mesh: RunningMesh) ->
     assert [r.status_code for r in replies] == [401, 401, 429]
     assert replies[2].headers["x-envoy-ratelimited"] == "true"
     assert replies[2].headers["x-ratelimit-limit"] == "2" and 1 <= int(replies[2].headers["retry-after"]) <= 60
-    # Envoy's own refusal says why, like the gateway's (status in the body as the transcoder writes it).
-    assert "edge rate limit exceeded" in replies[2].json()["message"]
+    # Envoy's own refusal says why, in OpenAI's error shape like the gateway's (the edge Lua filter rewrites it).
+    assert "edge rate limit exceeded" in replies[2].json()["error"]["message"]
     with grpc.insecure_channel(mesh.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
         chat_pb2_grpc.ChatServiceStub(channel).ListModels(
             chat_pb2.ListModelsRequest(), metadata=[("authorization", f"Bearer {api_key}")], timeout=10

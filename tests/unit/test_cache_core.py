@@ -228,6 +228,45 @@ def test_waiting_is_bounded_when_the_leader_hangs() -> None:
     run(scenario())
 
 
+def test_asked_not_to_wait_a_lookup_says_in_flight_at_once() -> None:
+    """The gateway asks this way, reserves quota, then asks again and waits (gateway/pipeline.py)."""
+
+    async def scenario() -> None:
+        cache, _, _, _ = make(monotonic=time.monotonic)
+        cache.start()
+        leader = await cache.lookup(req(), wait_for_leader=False)
+        assert leader.outcome == "leader" and leader.flight_token, "no one in flight: this one leads"
+        started = time.monotonic()
+        asked = await cache.lookup(req(), wait_for_leader=False)
+        assert asked.in_flight and not asked.store and not asked.hit and not asked.flight_token
+        assert time.monotonic() - started < 0.2
+        waiter = asyncio.create_task(cache.lookup(req()))
+        await asyncio.sleep(0.05)
+        await cache.store(req(), ANSWER, leader.flight_token)
+        assert (await waiter).outcome == "waited"
+        done = await cache.lookup(req(), wait_for_leader=False)
+        await cache.close()
+        assert done.hit and not done.in_flight
+
+    run(scenario())
+
+
+def test_a_truncated_or_cancelled_answer_is_not_stored() -> None:
+    async def scenario() -> None:
+        cache, _, _, _ = make(monotonic=time.monotonic)
+        leader = await cache.lookup(req())
+        for reason in ("cancelled", "error", ""):
+            cut = Answer(ANSWER.chunks, reason, ANSWER.usage)
+            assert await cache.store(req(), cut, leader.flight_token) == "released"
+            # Not stored, and the lock is free again: the next identical request leads, at once.
+            leader = await cache.lookup(req(), wait_for_leader=False)
+            assert not leader.hit and leader.outcome == "leader"
+        assert await cache.store(req(), Answer(ANSWER.chunks, "length", ANSWER.usage), leader.flight_token) == "stored"
+        assert (await cache.lookup(req())).hit
+
+    run(scenario())
+
+
 def test_backend_down_bypasses_without_touching_it_until_the_cooldown() -> None:
     async def scenario() -> None:
         monotonic = FakeClock(0.0)

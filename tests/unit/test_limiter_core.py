@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -15,10 +16,12 @@ from limiter_service.core import Limiter
 from limiter_service.loop_lag import LoopLagMonitor
 from limiter_service.metrics import LimiterMetrics
 from limiter_service.policy import DEFAULT_POLICY_FILE, FailureMode, PolicyError, PolicySource, parse_policy
+from limiter_service.server import LimiterServicer
 from limiter_service.store import Check, MemoryQuotaStore, StoreUnavailable, WindowState
 from llmesh.apikeys import hash_key, key_id_for
 from llmesh.errors import InvalidRequest, PermissionDenied, Unavailable
 from llmesh.types import Tier
+from llmesh.v1 import common_pb2, limiter_pb2
 
 POLICY = """
 [tiers.free]
@@ -79,8 +82,28 @@ class FlakyStore(MemoryQuotaStore):
         await self._gate()
         return await super().settle(subject, member, used_tokens, now_ms)
 
+    async def release(self, subject: str, member: str, now_ms: int, keep_ms: int) -> bool:
+        await self._gate()
+        return await super().release(subject, member, now_ms, keep_ms)
+
     async def ping(self) -> None:
         await self._gate()
+
+
+class LostReplyStore(FlakyStore):
+    """Redis ran the script but the reply never came (the call timed out): the first `lost` checks admit, then
+    raise, as a call to a paused server does once the pause ends after the client gave up."""
+
+    def __init__(self, lost: int) -> None:
+        super().__init__()
+        self.lost = lost
+
+    async def check(self, subject: str, member: str, now_ms: int, check: Check, dry_run: bool = False) -> WindowState:
+        state = await super().check(subject, member, now_ms, check, dry_run)
+        if self.lost and not dry_run:
+            self.lost -= 1
+            raise StoreUnavailable("Timeout reading from socket")
+        return state
 
 
 def make(tmp_path: Path, text: str = POLICY) -> tuple[Limiter, FlakyStore, Clock, CollectorRegistry]:
@@ -417,6 +440,114 @@ def test_settlements_queue_while_down_and_land_after(tmp_path: Path) -> None:
         assert {q.name: q.remaining for q in status.quotas}["tokens_per_hour"] == 10000 - 120
 
     asyncio.run(main())
+
+
+def _lost_reply_limiter(tmp_path: Path, lost: int) -> tuple[Limiter, LostReplyStore, CollectorRegistry]:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    store, registry = LostReplyStore(lost), CollectorRegistry()
+    limiter = Limiter(PolicySource(path), store, metrics=LimiterMetrics(registry), lease_s=60, store_timeout_s=0.5)
+    return limiter, store, registry
+
+
+async def _usage(store: MemoryQuotaStore, limiter: Limiter, key_id: str, tier: Tier) -> tuple[int, int, int]:
+    subject = limiter.policy.policy.quota(key_id, tier).subject
+    state = await MemoryQuotaStore.check(store, subject, "probe", 0, Check(3_600_000, -1, lease_ms=1), dry_run=True)
+    return state.requests, state.tokens, state.active
+
+
+@pytest.mark.parametrize("tier", ["free", "paid"])  # free fails closed, paid open (decided locally)
+def test_a_reserve_whose_reply_was_lost_is_released_when_the_store_answers(tmp_path: Path, tier: str) -> None:
+    limiter, store, registry = _lost_reply_limiter(tmp_path, lost=1)
+
+    async def main() -> None:
+        if tier == "free":
+            with pytest.raises(Unavailable):
+                await limiter.reserve("k1", tier, 10, 20, nonce="n1")
+        else:
+            assert (await limiter.reserve("k1", tier, 10, 20, nonce="n1")).degraded
+        assert limiter.pending_releases == 1
+        assert await _usage(store, limiter, "k1", Tier(tier)) == (1, 30, 1), "Redis admitted it after all"
+        await limiter.probe_store()  # the store answers: pending releases land
+        assert limiter.pending_releases == 0
+        assert await _usage(store, limiter, "k1", Tier(tier)) == (0, 0, 0)
+        assert metric(registry, "llmesh_limiter_releases_total", origin="limiter", result="released") == 1
+
+    asyncio.run(main())
+
+
+def test_a_retry_admitted_after_all_keeps_its_reservation(tmp_path: Path) -> None:
+    """The lost call admitted n1; the gateway's retry with the same nonce is admitted (once): not released."""
+    limiter, store, _ = _lost_reply_limiter(tmp_path, lost=1)
+
+    async def main() -> None:
+        with pytest.raises(Unavailable):
+            await limiter.reserve("k2", "free", 10, 20, nonce="n1")
+        decision = await limiter.reserve("k2", "free", 10, 20, nonce="n1")
+        assert decision.allowed and limiter.pending_releases == 0
+        await limiter.probe_store()
+        assert await _usage(store, limiter, "k2", Tier.FREE) == (1, 30, 1)
+        assert await limiter.settle(decision.reservation_id, 12)
+        assert await _usage(store, limiter, "k2", Tier.FREE) == (1, 12, 0)
+
+    asyncio.run(main())
+
+
+def test_release_by_nonce_undoes_and_blocks_a_late_reserve(tmp_path: Path) -> None:
+    limiter, store, _, registry = make(tmp_path)
+
+    async def main() -> None:
+        d = await limiter.reserve("k3", "free", 10, 20, nonce="g1")
+        assert await limiter.release("k3", "free", "g1")
+        assert await _usage(store, limiter, "k3", Tier.FREE) == (0, 0, 0)
+        assert not await limiter.settle(d.reservation_id, 30)
+        # Released before its Reserve arrived (the gateway's deadline passed first): the Reserve is refused.
+        assert not await limiter.release("k3", "free", "g2")
+        with pytest.raises(Unavailable, match="released"):
+            await limiter.reserve("k3", "free", 10, 20, nonce="g2")
+        assert await _usage(store, limiter, "k3", Tier.FREE) == (0, 0, 0)
+        # While the store is down a release is queued, and lands when it answers.
+        d = await limiter.reserve("k3", "free", 10, 20, nonce="g3")
+        store.mode = "down"
+        assert not await limiter.release("k3", "free", "g3")
+        assert limiter.pending_releases == 1
+        store.mode = "up"
+        await limiter.probe_store()
+        assert limiter.pending_releases == 0 and await _usage(store, limiter, "k3", Tier.FREE) == (0, 0, 0)
+        assert metric(registry, "llmesh_limiter_releases_total", origin="gateway", result="queued") == 1
+
+    asyncio.run(main())
+
+
+class PastDeadline:
+    """A servicer context whose caller's deadline has already passed (the limiter was stalled meanwhile)."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def time_remaining(self) -> float:
+        return -0.2
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise RuntimeError("aborted")
+
+
+def test_a_reserve_that_arrives_after_its_deadline_reserves_nothing(tmp_path: Path) -> None:
+    limiter, store, _, _ = make(tmp_path)
+    context = PastDeadline()
+    request = limiter_pb2.ReserveRequest(key_id="k4", tier=common_pb2.TIER_FREE, prompt_tokens=5, max_tokens=5)
+    with pytest.raises(RuntimeError):
+        asyncio.run(LimiterServicer(limiter).Reserve(request, context))  # type: ignore[arg-type]
+    assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert store.calls == 0
+
+
+def test_release_checks_its_input(tmp_path: Path) -> None:
+    limiter, _, _, _ = make(tmp_path)
+    for args in (("bad key", "free", "n"), ("k", "gold", "n"), ("k", "free", ""), ("k", "free", "x" * 65)):
+        with pytest.raises(InvalidRequest):
+            asyncio.run(limiter.release(*args))
 
 
 def test_local_reservation_settles_locally(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from control.process import free_port
 from gateway.pipeline import Reservation
 from gateway.quotas import GrpcQuotaGate, quota_headers
-from llmesh.errors import ResourceExhausted, Unavailable
+from llmesh.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from llmesh.types import Principal, Tier
 from llmesh.v1 import common_pb2, limiter_pb2, limiter_pb2_grpc
 
@@ -36,9 +36,18 @@ class FakeLimiter(limiter_pb2_grpc.LimiterServiceServicer):
         self.delay_s = 0.0
         self.reserves: list[limiter_pb2.ReserveRequest] = []
         self.settled: list[limiter_pb2.SettleRequest] = []
+        self.released: list[limiter_pb2.ReleaseRequest] = []
+        # The first this many calls of Reserve (Settle) fail with UNAVAILABLE (time out) before doing anything.
+        self.unavailable = 0
+        self.settle_delays: list[float] = []
 
-    async def Reserve(self, request: limiter_pb2.ReserveRequest, context: object) -> limiter_pb2.ReserveResponse:
+    async def Reserve(
+        self, request: limiter_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> limiter_pb2.ReserveResponse:
         self.reserves.append(request)
+        if self.unavailable:
+            self.unavailable -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         await asyncio.sleep(self.delay_s)
         if self.allow:
             return limiter_pb2.ReserveResponse(allowed=True, reservation_id="r/free/x/1", quotas=quotas(7, 100))
@@ -51,8 +60,14 @@ class FakeLimiter(limiter_pb2_grpc.LimiterServiceServicer):
         )
 
     async def Settle(self, request: limiter_pb2.SettleRequest, context: object) -> limiter_pb2.SettleResponse:
+        if self.settle_delays:
+            await asyncio.sleep(self.settle_delays.pop(0))
         self.settled.append(request)
         return limiter_pb2.SettleResponse(settled=True)
+
+    async def Release(self, request: limiter_pb2.ReleaseRequest, context: object) -> limiter_pb2.ReleaseResponse:
+        self.released.append(request)
+        return limiter_pb2.ReleaseResponse(released=True)
 
 
 async def serving(fake: FakeLimiter) -> AsyncIterator[str]:
@@ -104,11 +119,13 @@ def test_admitted_refused_and_settled() -> None:
 
 def test_unreachable_limiter_is_unavailable_and_settle_never_raises() -> None:
     async def main() -> None:
-        gate = GrpcQuotaGate(f"127.0.0.1:{free_port()}", timeout_s=0.5)
+        gate = GrpcQuotaGate(f"127.0.0.1:{free_port()}", timeout_s=0.5, retry_delays_s=(0.01,))
         with pytest.raises(Unavailable):
             await gate.reserve(PRINCIPAL, "chatcmpl-3", 1, 1)
-        await gate.settle(Reservation("r/free/x/2", 2), 1)  # logged, not raised: the lease will end it
-        await gate.close()
+        await gate.settle(Reservation("r/free/x/2", 2), 1)  # retried in the background, then logged: never raised
+        started = time.monotonic()
+        await gate.close(timeout_s=3.0)
+        assert time.monotonic() - started < 3.5 and gate.in_background == 0
 
     asyncio.run(main())
 
@@ -126,6 +143,73 @@ def test_a_request_abandoned_during_reserve_is_released() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             await gate.close()  # waits for the release it started
-            assert [(s.reservation_id, s.used_tokens) for s in fake.settled] == [("r/free/x/1", 0)]
+            assert fake.settled == []
+            released = [(r.key_id, r.tier, r.nonce) for r in fake.released]
+            assert released == [(PRINCIPAL.key_id, common_pb2.TIER_FREE, fake.reserves[0].nonce)]
+
+    asyncio.run(main())
+
+
+def test_a_reserve_whose_answer_never_came_is_released_by_its_nonce() -> None:
+    """The deadline passes while the limiter decides: it may still admit, so the gate releases that nonce."""
+    fake = FakeLimiter()
+    fake.delay_s = 0.5
+
+    async def main() -> None:
+        async for target in serving(fake):
+            gate = GrpcQuotaGate(target, timeout_s=0.2)
+            with pytest.raises(DeadlineExceeded):
+                await gate.reserve(PRINCIPAL, "chatcmpl-5", 5, 5)
+            await gate.close()
+            assert [r.nonce for r in fake.released] == [fake.reserves[0].nonce]
+            assert fake.released[0].request_id == "chatcmpl-5"
+
+    asyncio.run(main())
+
+
+def test_a_retried_reserve_uses_a_new_nonce_and_releases_the_first() -> None:
+    fake = FakeLimiter()
+    fake.unavailable = 1
+
+    async def main() -> None:
+        async for target in serving(fake):
+            gate = GrpcQuotaGate(target)
+            reservation = await gate.reserve(PRINCIPAL, "chatcmpl-6", 5, 5)
+            await gate.close()
+            assert reservation.id == "r/free/x/1"
+            first, second = (r.nonce for r in fake.reserves)
+            assert first != second and [r.nonce for r in fake.released] == [first]
+
+    asyncio.run(main())
+
+
+def test_a_settlement_that_timed_out_is_sent_again_and_close_waits_for_it() -> None:
+    fake = FakeLimiter()
+    fake.settle_delays = [0.5]  # the first Settle outlives its deadline (and lands later: settling is idempotent)
+
+    async def main() -> None:
+        async for target in serving(fake):
+            gate = GrpcQuotaGate(target, timeout_s=0.2, retry_delays_s=(0.05,))
+            await gate.settle(Reservation("r/free/x/3", 10), 4)
+            assert gate.in_background == 1
+            await gate.close()
+            assert gate.in_background == 0
+            assert [(s.reservation_id, s.used_tokens) for s in fake.settled][-1] == ("r/free/x/3", 4)
+            assert len(fake.settled) >= 1
+
+    asyncio.run(main())
+
+
+def test_refusals_are_answers_nothing_is_released() -> None:
+    fake = FakeLimiter()
+    fake.allow = False
+
+    async def main() -> None:
+        async for target in serving(fake):
+            gate = GrpcQuotaGate(target)
+            with pytest.raises(ResourceExhausted):
+                await gate.reserve(PRINCIPAL, "chatcmpl-7", 5, 5)
+            await gate.close()
+            assert fake.released == []
 
     asyncio.run(main())

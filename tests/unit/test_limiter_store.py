@@ -17,6 +17,7 @@ from limiter_service.store import (
     REFUSED_BURST,
     REFUSED_CONCURRENCY,
     REFUSED_NONE,
+    REFUSED_RELEASED,
     REFUSED_REQUESTS,
     REFUSED_TOKENS,
     UNLIMITED,
@@ -203,6 +204,41 @@ async def behave_unlimited_is_unlimited(store: QuotaStore) -> None:
         assert state.admitted and state.refused == REFUSED_NONE
 
 
+async def behave_release_undoes_an_admitted_use(store: QuotaStore) -> None:
+    s, c = subject(), hourly(requests=5, budget=100, tokens=30, lease_ms=MINUTE, concurrency_limit=1)
+    await store.check(s, "kept", T0, hourly(requests=5, budget=100, tokens=10))
+    assert (await store.check(s, "a", T0 + 1, c)).admitted
+    assert await store.release(s, "a", T0 + 2, MINUTE)
+    state = await store.check(s, "probe", T0 + 3, c, dry_run=True)
+    assert (state.requests, state.tokens, state.active) == (1, 10, 0), "not counted, refunded, slot free"
+    assert not await store.release(s, "a", T0 + 4, MINUTE), "idempotent"
+    assert not await store.settle(s, "a", 30, T0 + 5), "nothing left to settle"
+    # The same member again (a retry that was queued somewhere) is refused, not admitted anew.
+    again = await store.check(s, "a", T0 + 6, c)
+    assert not again.admitted and again.refused == REFUSED_RELEASED and again.retry_after_ms == NEVER
+    assert (again.requests, again.tokens, again.active) == (1, 10, 0)
+
+
+async def behave_release_before_the_reserve_arrives_refuses_it(store: QuotaStore) -> None:
+    s, c = subject(), hourly(budget=100, tokens=30, lease_ms=MINUTE)
+    assert not await store.release(s, "late", T0 + 1000, MINUTE)
+    late = await store.check(s, "late", T0, c)  # stamped before the release: it waited in a paused server
+    assert not late.admitted and late.refused == REFUSED_RELEASED
+    assert (late.requests, late.tokens, late.active) == (0, 0, 0)
+    assert (await store.check(s, "other", T0 + 1001, c)).admitted
+    # The tombstone lives one lease (keep_ms); status reads (dry runs) never see it.
+    assert (await store.check(s, "late", T0 + 1002, c, dry_run=True)).admitted
+
+
+async def behave_a_reserve_older_than_its_lease_is_stale(store: QuotaStore) -> None:
+    """A reserve that arrives after uses stamped a whole lease later is refused: its caller gave up long ago."""
+    s, c = subject(), hourly(budget=100, tokens=10, lease_ms=MINUTE)
+    assert (await store.check(s, "recent", T0 + MINUTE, c)).admitted
+    stale = await store.check(s, "old", T0, c)
+    assert not stale.admitted and stale.refused == REFUSED_RELEASED
+    assert (await store.check(s, "old-but-fine", T0 + 1, c)).admitted
+
+
 BEHAVIOURS: list[Callable[[QuotaStore], Awaitable[None]]] = [
     behave_request_window_is_exact,
     behave_no_double_burst_at_window_edge,
@@ -220,6 +256,9 @@ BEHAVIOURS: list[Callable[[QuotaStore], Awaitable[None]]] = [
     behave_hits_count_each,
     behave_reset_forgets,
     behave_unlimited_is_unlimited,
+    behave_release_undoes_an_admitted_use,
+    behave_release_before_the_reserve_arrives_refuses_it,
+    behave_a_reserve_older_than_its_lease_is_stale,
 ]
 
 

@@ -80,17 +80,31 @@ class FakeQuotas:
 class FakeCache:
     """A miss hands out a single-flight token (or, with `cacheable=False`, says not to store)."""
 
-    def __init__(self, hit: CachedAnswer | None = None, cacheable: bool = True, calls: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        hit: CachedAnswer | None = None,
+        cacheable: bool = True,
+        calls: list[str] | None = None,
+        in_flight: CachedAnswer | None = None,
+    ) -> None:
         self.hit = hit
         self.cacheable = cacheable
+        # An identical request is generating: a lookup with wait=False says so, one that waits gets this answer.
+        self.in_flight = in_flight
         self.stored: list[CachedAnswer | None] = []
         self.tokens: list[str] = []
         self.calls = [] if calls is None else calls
+        self.waits: list[bool] = []
 
-    async def lookup(self, principal: Principal, route: RouteInfo, request: ChatRequest) -> CacheLookup:
+    async def lookup(
+        self, principal: Principal, route: RouteInfo, request: ChatRequest, wait: bool = True
+    ) -> CacheLookup:
         self.calls.append("cache.Lookup")
+        self.waits.append(wait)
         if self.hit is not None:
             return CacheLookup(answer=self.hit)
+        if self.in_flight is not None:
+            return CacheLookup(answer=self.in_flight) if wait else CacheLookup(in_flight=True)
         return CacheLookup(store=True, flight_token="flight-1") if self.cacheable else CacheLookup()
 
     async def store(
@@ -199,3 +213,118 @@ def test_each_step_before_generation_is_timed() -> None:
     )
     asyncio.run(collect(p))
     assert observer.seen == [("prepare", 1.0), ("cache_lookup", 1.0), ("reserve", 1.0), ("first_event", 1.0)]
+
+
+ANSWER = CachedAnswer(("Hel", "lo"), "stop", Usage(7, 2))
+
+
+def test_a_single_flight_waiter_holds_a_reservation_while_it_waits() -> None:
+    """An identical request is generating: this one reserves (a concurrency slot) before it waits for that answer,
+    and is settled with 0 tokens once served."""
+    calls: list[str] = []
+    router, quotas = FakeRouter(["x"], calls=calls), FakeQuotas(calls=calls)
+    cache = FakeCache(calls=calls, in_flight=ANSWER)
+    events = asyncio.run(collect(pipeline(router, quotas, cache)))
+    assert [e.delta for e in events if e.delta] == ["Hel", "lo"]
+    assert calls == ["router.Prepare", "cache.Lookup", "limiter.Reserve", "cache.Lookup", "limiter.Settle"]
+    assert cache.waits == [False, True] and quotas.settled == [("r1", 0)] and router.generated == 0
+
+
+def test_a_refused_waiter_never_waits() -> None:
+    calls: list[str] = []
+    cache = FakeCache(calls=calls, in_flight=ANSWER)
+    with pytest.raises(ResourceExhausted):
+        asyncio.run(collect(pipeline(FakeRouter(["x"], calls=calls), FakeQuotas(refuse=True, calls=calls), cache)))
+    assert calls == ["router.Prepare", "cache.Lookup", "limiter.Reserve"]
+
+
+def test_without_quotas_the_lookup_waits_itself() -> None:
+    cache = FakeCache(in_flight=ANSWER)
+    asyncio.run(collect(pipeline(FakeRouter(["x"]), None, cache)))
+    assert cache.waits == [True]
+
+
+class CutShortRouter(FakeRouter):
+    """Ends with a final event whose finish_reason says the generation was cancelled (e.g. by the engine)."""
+
+    async def generate(
+        self, request_id: str, tier: Tier, request: ChatRequest, prepared: PreparedPrompt | None = None
+    ) -> AsyncIterator[GenerateEvent]:
+        yield GenerateEvent(route=PREPARED.route)
+        yield GenerateEvent(delta="partial")
+        yield GenerateEvent(finish_reason="cancelled", usage=Usage(7, 1))
+
+
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+def test_only_an_answer_that_ended_by_itself_is_cached(finish_reason: str) -> None:
+    class Finishing(FakeRouter):
+        async def generate(
+            self, request_id: str, tier: Tier, request: ChatRequest, prepared: PreparedPrompt | None = None
+        ) -> AsyncIterator[GenerateEvent]:
+            yield GenerateEvent(route=PREPARED.route)
+            yield GenerateEvent(delta="a")
+            yield GenerateEvent(finish_reason=finish_reason, usage=Usage(7, 1))
+
+    cache = FakeCache()
+    asyncio.run(collect(pipeline(Finishing([]), FakeQuotas(), cache)))
+    assert cache.stored[0] is not None and cache.stored[0].finish_reason == finish_reason
+
+    cut, quotas = FakeCache(), FakeQuotas()
+    asyncio.run(collect(pipeline(CutShortRouter([]), quotas, cut)))
+    assert cut.stored == [None], "a cancelled answer releases the waiters and is not stored"
+    assert quotas.settled == [("r1", 8)]
+
+
+def test_a_caller_that_leaves_mid_stream_is_settled_and_stored_and_drain_waits() -> None:
+    """The stream is cancelled (client gone, server stopping) while the settlement is in flight: the settlement
+    completes, the cache miss is still released (not stored: the answer was not complete), and drain waits."""
+
+    class SlowQuotas(FakeQuotas):
+        async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+            await asyncio.sleep(0.2)
+            await super().settle(reservation, used_tokens)
+
+    class Endless(FakeRouter):
+        async def generate(
+            self, request_id: str, tier: Tier, request: ChatRequest, prepared: PreparedPrompt | None = None
+        ) -> AsyncIterator[GenerateEvent]:
+            yield GenerateEvent(route=PREPARED.route)
+            while True:
+                yield GenerateEvent(delta="x")
+                await asyncio.sleep(0.01)
+
+    quotas, cache = SlowQuotas(), FakeCache()
+    p = pipeline(Endless([]), quotas, cache)
+
+    async def main() -> int:
+        task = asyncio.create_task(collect(p))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.01)  # the stream's finally has started the settlement
+        with pytest.raises(asyncio.CancelledError):
+            task.cancel()
+            await task
+        assert quotas.settled == [], "still settling"
+        return await p.drain(2.0)
+
+    assert asyncio.run(main()) == 0
+    assert len(quotas.settled) == 1 and quotas.settled[0][1] > len(PREPARED.input_ids)
+    assert cache.stored == [None]
+
+
+def test_drain_waits_for_a_stream_cut_off_before_its_finally_ran() -> None:
+    """On shutdown the server cancels a request and returns at once; the stream's finally (settlement, store) runs
+    later, possibly in its generator's finalizer. drain counts the stream from its start, so it waits for that."""
+    quotas, cache = FakeQuotas(), FakeCache()
+    p = pipeline(FakeRouter(["a", "b", "c"]), quotas, cache)
+
+    async def main() -> tuple[int, int]:
+        stream = p.stream(PRINCIPAL, REQUEST, "r1")
+        await stream.__anext__()  # the route
+        await stream.__anext__()  # "a": generating, with a reservation; the consumer stops reading here
+        still = await p.drain(0.05)
+        asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(stream.aclose()))  # type: ignore[attr-defined]
+        return still, await p.drain(2.0)
+
+    assert asyncio.run(main()) == (1, 0)
+    assert quotas.settled == [("r1", 7 + 1)] and cache.stored == [None]
