@@ -178,10 +178,11 @@ return #ARGV
 """
 
 
-def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
+def redis_client(url: str, timeout_s: float, **options: Any) -> aioredis.Redis:
+    """`options`: more redis-py client arguments (credentials: llmesh.redis_auth.RedisAuth.client_options)."""
     # No retries: redis-py's default retries with backoff would turn one dead Redis into seconds per request.
     return aioredis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), **options
     )
 
 
@@ -200,9 +201,9 @@ class RedisBackend:
         self._forget = client.register_script(_FORGET)
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float) -> RedisBackend:
-        listen = aioredis.from_url(url, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
-        return cls(redis_client(url, timeout_s), listen)
+    def from_url(cls, url: str, timeout_s: float, **options: Any) -> RedisBackend:
+        listen = aioredis.from_url(url, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), **options)
+        return cls(redis_client(url, timeout_s, **options), listen)
 
     async def close(self) -> None:
         await self._redis.aclose()

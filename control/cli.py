@@ -1,4 +1,4 @@
-"""The `llmesh` command: up, down, keys, build, protos, cache, quota, bench, top."""
+"""The `llmesh` command: up, down, status, keys, build, protos, cache, quota, bench, top."""
 
 from __future__ import annotations
 
@@ -9,22 +9,11 @@ import os
 import sys
 
 from control.launcher import MeshSettings, run_down, run_up
+from llmesh.redis_auth import operator_redis_auth
 from llmesh.settings import add_arguments, flat_class, from_namespace, unflatten
 from llmesh.types import Tier
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-async def _create_key(redis_url: str, tier: Tier, note: str) -> str:
-    import redis.asyncio as aioredis
-
-    from gateway.auth import RedisApiKeyStore
-
-    client = aioredis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
-    try:
-        return await RedisApiKeyStore(client).create(tier, note)
-    finally:
-        await client.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +27,32 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(up, mesh_flags, "LLMESH_")
     down = sub.add_parser("down", help="stop a mesh started by `llmesh up`")
     add_arguments(down, mesh_flags, "LLMESH_")
+    status = sub.add_parser(
+        "status",
+        help="each part of the running mesh: pid, ports, health, restarts, uptime, last exit "
+        "(exit 0 all healthy, 1 a part is not, 3 no mesh running)",
+    )
+    add_arguments(status, mesh_flags, "LLMESH_")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create an API key and print it (it is stored only hashed)")
     create.add_argument("--tier", choices=[t.value for t in Tier], required=True)
     create.add_argument("--note", default="", help="free text stored beside the key's hash")
-    create.add_argument("--redis-url", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL))
+    create.add_argument(
+        "--expires",
+        "--expires-in",
+        metavar="WHEN",
+        help="optional expiry: a duration (30d, 12h, 1w2d) or an ISO 8601 date/time (2027-01-31 = 00:00 UTC)",
+    )
+    create.add_argument("--json", action="store_true", help="print {key, id, tier, expires} as JSON")
+    keys_list = keys_sub.add_parser("list", help="list keys: id, tier, status, created, last used, expiry (never keys)")
+    keys_list.add_argument("--json", action="store_true", help="print a JSON array")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key (gateways refuse it within their key cache TTL)")
+    revoke.add_argument("key", metavar="ID", help="a key id (16 hex digits, from `keys list`) or the API key itself")
+    for keys_parser in (create, keys_list, revoke):
+        keys_parser.add_argument("--redis-url", default=os.environ.get("LLMESH_REDIS_URL", DEFAULT_REDIS_URL))
 
     build = sub.add_parser("build", help="build (or find cached) the Triton model repository and print its path")
     from triton_models.config import add_build_arguments
@@ -85,9 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         return run_up(unflatten(MeshSettings, from_namespace(mesh_flags, args)))
     if args.command == "down":
         return run_down(unflatten(MeshSettings, from_namespace(mesh_flags, args)))
+    if args.command == "status":
+        from control.status import run_status
+
+        return run_status(unflatten(MeshSettings, from_namespace(mesh_flags, args)), as_json=args.json)
     if args.command == "keys":
-        print(asyncio.run(_create_key(args.redis_url, Tier(args.tier), args.note)))
-        return 0
+        from control.keys import keys_command
+
+        return asyncio.run(
+            keys_command(
+                args.keys_command,
+                args.redis_url,
+                tier=getattr(args, "tier", None),
+                note=getattr(args, "note", ""),
+                expires=getattr(args, "expires", None),
+                key=getattr(args, "key", ""),
+                as_json=getattr(args, "json", False),
+            )
+        )
     if args.command == "build":
         from triton_models.config import settings_from
         from triton_models.repository import ensure_model_repository
@@ -99,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         from cache_service.store import BackendError
 
         try:
-            deleted = asyncio.run(flush_cache(args.redis_url, args.tenant, args.public))
+            redis_options = operator_redis_auth(os.environ).client_options(args.redis_url)
+            deleted = asyncio.run(flush_cache(args.redis_url, args.tenant, args.public, redis_options=redis_options))
         except (BackendError, ValueError) as exc:
             print(f"llmesh: cache flush failed: {exc}", file=sys.stderr)
             return 1
@@ -107,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flushed {scope}: {deleted} keys deleted")
         return 0
     if args.command == "quota":
+        from control.certs import operator_tls
         from limiter_service.admin import quota_command
 
-        return asyncio.run(quota_command(args.action, args.key, args.tier, args.limiter_url, args.redis_url))
+        tls = operator_tls(os.environ)
+        redis_options = operator_redis_auth(os.environ).client_options(args.redis_url)
+        return asyncio.run(
+            quota_command(args.action, args.key, args.tier, args.limiter_url, args.redis_url, tls, redis_options)
+        )
     if args.command == "bench":
         return bench.run(args)
     if args.command == "top":

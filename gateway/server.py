@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,18 +17,23 @@ from google.protobuf.message import DecodeError, Message
 from prometheus_client import CollectorRegistry
 
 from gateway import openai_compat
-from gateway.auth import RedisApiKeyStore
+from gateway.admission import RefusalMemory
+from gateway.auth import CachedKeyStore, KeyCacheSettings, RedisApiKeyStore
 from gateway.caching import GrpcCacheClient
 from gateway.config import GatewaySettings
+from gateway.limiter_outage import LimiterOutagePolicy, parse_tiers
 from gateway.metrics import PrometheusGatewayObserver, parse_prices
 from gateway.pipeline import ChatPipeline
 from gateway.quotas import GrpcQuotaGate
 from gateway.router_client import GrpcRouterClient
-from gateway.validation import ChatRequestFields, RequestLimits
+from gateway.validation import ChatRequestFields, RequestLimits, check_request_id
 from llmesh import grpc_util
+from llmesh.budgets import CHANNEL_OPTIONS, health_probe
 from llmesh.convert import route_to_pb
-from llmesh.errors import InvalidRequest, MeshError
+from llmesh.errors import Internal, InvalidRequest, MeshError
 from llmesh.metrics import serve_metrics
+from llmesh.redis_auth import redis_auth
+from llmesh.tls import TlsFiles, add_port, aio_channel
 from llmesh.types import GenerateEvent, Principal
 from llmesh.v1 import chat_pb2, common_pb2
 
@@ -74,9 +81,73 @@ async def _send_headers(context: grpc.aio.ServicerContext, headers: list[tuple[s
         await context.send_initial_metadata(tuple(headers))
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    # Envoy puts an x-request-id on every request; keep it so logs line up across hops.
-    return "chatcmpl-" + (_metadata(context, "x-request-id") or uuid.uuid4().hex)
+def _request_id(context: grpc.aio.ServicerContext, limits: RequestLimits) -> str:
+    # Envoy puts an x-request-id on every request; keep it so logs line up across hops. A client may send its own
+    # (Envoy keeps it): it becomes part of ids, logs and Redis keys, so it is checked like any client value.
+    header = _metadata(context, "x-request-id")
+    return "chatcmpl-" + (uuid.uuid4().hex if header is None else check_request_id(header, limits))
+
+
+def _error_request_id(context: grpc.aio.ServicerContext, limits: RequestLimits) -> str:
+    try:
+        return _request_id(context, limits)
+    except InvalidRequest:
+        return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _for_caller(exc: MeshError, context: grpc.aio.ServicerContext, limits: RequestLimits) -> MeshError:
+    """The error as the caller gets it (a server-side failure's message without internal detail). For a call
+    that Envoy transcoded from HTTP/JSON (it sets x-envoy-original-path), the OpenAI-shaped body travels along in
+    the x-llmesh-error trailer; Envoy's Lua filter on the edge makes it the HTTP body and drops the header."""
+    request_id = _error_request_id(context, limits)
+    if _metadata(context, "x-envoy-original-path") is not None:
+        exc.metadata = (*exc.metadata, ("x-llmesh-error", openai_compat.error_json(exc, request_id)))
+    exc.args = (openai_compat.caller_message(exc, request_id),)
+    return exc
+
+
+def _unexpected(exc: Exception, context: grpc.aio.ServicerContext, limits: RequestLimits) -> MeshError:
+    """A bug, not the caller's answer: logged with its stack; the caller learns only that it happened."""
+    log.exception("unexpected error in %s", type(exc).__name__)
+    return _for_caller(Internal("unexpected error"), context, limits)
+
+
+_Handler = Any
+
+
+def caller_errors(method: _Handler) -> _Handler:
+    """Inside grpc_util.unary_errors: every error a caller sees is made fit for callers (see _for_caller)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except MeshError as exc:
+            raise _for_caller(exc, context, self.limits) from None
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            raise _unexpected(exc, context, self.limits) from exc
+
+    return wrapper
+
+
+def caller_stream_errors(method: _Handler) -> _Handler:
+    """`caller_errors` for server-streaming handlers."""
+
+    @functools.wraps(method)
+    async def wrapper(self: ChatServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except MeshError as exc:
+            raise _for_caller(exc, context, self.limits) from None
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            raise _unexpected(exc, context, self.limits) from exc
+
+    return wrapper
 
 
 def _fields(request: chat_pb2.ChatCompletionRequest) -> ChatRequestFields:
@@ -102,20 +173,22 @@ def _usage_pb(event: GenerateEvent) -> common_pb2.Usage | None:
 
 
 class ChatServicer:
-    def __init__(self, pipeline: ChatPipeline) -> None:
+    def __init__(self, pipeline: ChatPipeline, limits: RequestLimits | None = None) -> None:
         self._pipeline = pipeline
+        self.limits = limits or RequestLimits()
 
     async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
         return await self._pipeline.authenticate(_metadata(context, "authorization"))
 
     @grpc_util.unary_errors
+    @caller_errors
     async def CreateChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ChatCompletion:
         principal = await self._principal(context)
         _require_decoded(request)
         chat = self._pipeline.validate(_fields(request), principal)
-        request_id = _request_id(context)
+        request_id = _request_id(context, self.limits)
         headers: list[tuple[str, str]] = []
         done = await self._pipeline.complete(principal, chat, request_id, headers)
         await _send_headers(context, headers)
@@ -134,13 +207,14 @@ class ChatServicer:
         )
 
     @grpc_util.stream_errors
+    @caller_stream_errors
     async def StreamChatCompletion(
         self, request: chat_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         principal = await self._principal(context)
         _require_decoded(request)
         chat = self._pipeline.validate(_fields(request), principal)
-        request_id = _request_id(context)
+        request_id = _request_id(context, self.limits)
         created = int(time.time())
         model = ""
         headers: list[tuple[str, str]] = []
@@ -161,6 +235,7 @@ class ChatServicer:
             yield chunk
 
     @grpc_util.unary_errors
+    @caller_errors
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ModelList:
@@ -186,14 +261,15 @@ class ChatServicer:
         return chat_pb2.ModelList(object="list", data=models)
 
     @grpc_util.stream_errors
+    @caller_stream_errors
     async def OpenAIChatCompletions(
         self, request: chat_pb2.OpenAIHttpRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         principal = await self._principal(context)
         _require_decoded(request)
-        parsed = openai_compat.parse_request(request.body.data)
+        parsed = openai_compat.parse_request(request.body.data, self.limits)
         chat = self._pipeline.validate(parsed.fields, principal)
-        request_id = _request_id(context)
+        request_id = _request_id(context, self.limits)
         created = int(time.time())
         if not parsed.stream:
             headers: list[tuple[str, str]] = []
@@ -241,7 +317,7 @@ class ChatServicer:
                             )
                         )
         except MeshError as exc:
-            yield httpbody_pb2.HttpBody(data=openai_compat.sse_error(str(exc), type(exc).__name__))
+            yield httpbody_pb2.HttpBody(data=openai_compat.sse_error(exc, request_id))
         yield httpbody_pb2.HttpBody(data=openai_compat.SSE_DONE)
 
 
@@ -278,40 +354,93 @@ def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
 
 
 async def serve(settings: GatewaySettings) -> None:
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    router = GrpcRouterClient(settings.router_url)
+    tls = TlsFiles.of(settings)
+    try:
+        fail_open_tiers = parse_tiers(settings.limiter_fail_open_tiers)
+    except ValueError as exc:
+        raise SystemExit(f"--limiter-fail-open-tiers: {exc}") from None
+    redis_options = redis_auth(settings, os.environ).client_options(settings.redis_url)
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, **redis_options)
+    router = GrpcRouterClient(
+        settings.router_url,
+        tls=tls,
+        hang_budget_s=settings.router_hang_budget_s,
+        cooldown_s=settings.dependency_cooldown_s,
+    )
     registry = CollectorRegistry()
     # The response cache is optional: empty cache_url = no cache; an unreachable one is bypassed per request.
-    cache = GrpcCacheClient(settings.cache_url, settings.cache_timeout_s) if settings.cache_url else None
-    quotas = GrpcQuotaGate(settings.limiter_url, settings.limiter_timeout_s) if settings.limiter_url else None
-    pipeline = ChatPipeline(
-        keys=RedisApiKeyStore(redis),
-        router=router,
-        limits=RequestLimits(
-            default_max_tokens=settings.default_max_tokens,
-            max_tokens_limit=settings.max_tokens_limit,
-            max_messages=settings.max_messages,
-            max_prompt_chars=settings.max_prompt_chars,
+    cache = (
+        GrpcCacheClient(
+            settings.cache_url,
+            settings.cache_timeout_s,
+            cooldown_s=settings.dependency_cooldown_s,
+            tls=tls,
+            hang_budget_s=settings.cache_hang_budget_s,
+        )
+        if settings.cache_url
+        else None
+    )
+    quotas = GrpcQuotaGate(settings.limiter_url, settings.limiter_timeout_s, tls=tls) if settings.limiter_url else None
+    # A hung or unreachable limiter: the tiers' outage policy after limiter_hang_budget_s (gateway/limiter_outage.py).
+    limiter_probe = aio_channel(settings.limiter_url, tls, CHANNEL_OPTIONS) if settings.limiter_url else None
+    guarded_quotas = (
+        LimiterOutagePolicy(
+            quotas,
+            health_probe(limiter_probe),
+            fail_open_tiers,
+            hang_budget_s=settings.limiter_hang_budget_s,
+            confirm_s=settings.limiter_timeout_s,
+            cooldown_s=settings.dependency_cooldown_s,
+        )
+        if quotas is not None and limiter_probe is not None
+        else None
+    )
+    limits = RequestLimits.of(settings)
+    keys = CachedKeyStore(
+        RedisApiKeyStore(redis),
+        KeyCacheSettings(
+            ttl_s=settings.key_cache_ttl_s,
+            negative_ttl_s=settings.key_cache_negative_ttl_s,
+            max_stale_s=settings.key_cache_max_stale_s,
+            max_entries=settings.key_cache_max_entries,
+            max_negative_entries=settings.key_cache_max_entries,
+            retry_s=settings.key_store_retry_s,
+            last_used_interval_s=settings.key_last_used_interval_s,
         ),
+    )
+    pipeline = ChatPipeline(
+        keys=keys,
+        router=router,
+        limits=limits,
         cache=cache,
-        quotas=quotas,
+        quotas=guarded_quotas,
         observer=PrometheusGatewayObserver(registry, parse_prices(settings.prices_per_1k)),
+        refusals=RefusalMemory(settings.quota_refusal_memory_s),
     )
     serve_metrics(registry, settings.host, settings.metrics_port)
     server = grpc.aio.server(options=grpc_util.server_options())
-    server.add_generic_rpc_handlers((_handlers(ChatServicer(pipeline)),))
+    server.add_generic_rpc_handlers((_handlers(ChatServicer(pipeline, limits)),))
     health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
     address = f"{settings.host}:{settings.port}"
-    server.add_insecure_port(address)
+    add_port(server, address, tls)
     await server.start()
     grpc_util.set_serving(health, [SERVICE_NAME], True)
     log.info("gateway listening on %s, router %s", address, settings.router_url)
     await grpc_util.wait_for_shutdown_signal()
     grpc_util.set_serving(health, [SERVICE_NAME], False)
-    await server.stop(grace=10)
+    await server.stop(grace=settings.shutdown_grace_s)
+    # Requests cut off by the stop still settle their reservations and fill or release their cache entries: wait
+    # for that (bounded) before closing the clients those calls need.
+    drain_until = time.monotonic() + settings.shutdown_drain_s
+    unfinished = await pipeline.drain(settings.shutdown_drain_s)
+    if unfinished:
+        log.warning("%d settlements/cache stores unfinished at shutdown", unfinished)
+    if quotas is not None:
+        await quotas.close(max(0.0, drain_until - time.monotonic()))
     await router.close()
     if cache is not None:
         await cache.close()
-    if quotas is not None:
-        await quotas.close()
+    if limiter_probe is not None:
+        await limiter_probe.close()
+    await keys.aclose()
     await redis.aclose()

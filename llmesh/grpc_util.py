@@ -49,10 +49,11 @@ def error_from_rpc(err: grpc.RpcError, upstream: str) -> errors.MeshError:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: errors.MeshError) -> None:
-    if isinstance(exc, errors.ResourceExhausted):
-        retry = (("retry-after", str(exc.retry_after_s)),) if exc.retry_after_s is not None else ()
-        if retry or exc.metadata:
-            context.set_trailing_metadata(retry + exc.metadata)
+    retry: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
+        retry = (("retry-after", str(exc.retry_after_s)),)
+    if retry or exc.metadata:
+        context.set_trailing_metadata(retry + exc.metadata)
     await context.abort(status_for(exc), str(exc))
 
 
@@ -122,6 +123,10 @@ async def wait_for_shutdown_signal() -> None:
 def server_options() -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        # Request headers up to what Envoy admits at the edge (32 KiB by default) reach the service, which then
+        # answers them (e.g. 401 for a 20 KiB authorization header) instead of gRPC's RESOURCE_EXHAUSTED (HTTP 429).
+        ("grpc.max_metadata_size", 64 * 1024),
+        ("grpc.absolute_max_metadata_size", 64 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from cache_service.keys import RedisKeys, ScopePolicy, exact_digest
 from control.launcher import Mesh, MeshSettings
 from control.process import ManagedProcess, free_port
+from llmesh import tls
 from llmesh.types import ChatMessage, SamplingParams, Tier
 from llmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, chat_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
 
@@ -93,9 +94,10 @@ async def latency(mesh: Mesh, requests: int, concurrency: int) -> None:
     ).encode()  # fmt: skip
 
     envoy = grpc.aio.insecure_channel(f"127.0.0.1:{s.http_port}")
-    gateway = grpc.aio.insecure_channel(f"127.0.0.1:{s.gateway.port}")
-    cache = grpc.aio.insecure_channel(f"127.0.0.1:{s.cache.port}")
-    router = grpc.aio.insecure_channel(f"127.0.0.1:{s.router.port}")
+    # Internal services: mutual TLS with the mesh's client certificate.
+    gateway = tls.aio_channel(f"127.0.0.1:{s.gateway.port}", s.tls_files("client"))
+    cache = tls.aio_channel(f"127.0.0.1:{s.cache.port}", s.tls_files("client"))
+    router = tls.aio_channel(f"127.0.0.1:{s.router.port}", s.tls_files("client"))
     http = httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{s.http_port}",
         headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"},

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -64,7 +64,7 @@ from benchmarks.mesh.clients import (
 )
 from control.launcher import Mesh, MeshSettings
 from control.process import ManagedProcess, free_port
-from llmesh import paths
+from llmesh import paths, tls
 from llmesh.model_artifact import ChatTokenizer
 from llmesh.types import Tier
 from llmesh.v1 import cache_pb2, cache_pb2_grpc, chat_pb2, chat_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
@@ -135,10 +135,10 @@ def start_mesh(state: Path, repository: Path, log_level: str) -> Mesh:
     return mesh
 
 
-async def create_key(redis_url: str, tier: Tier) -> str:
+async def create_key(redis_url: str, tier: Tier, redis_options: dict[str, Any]) -> str:
     from gateway.auth import RedisApiKeyStore
 
-    client = aioredis.from_url(redis_url)
+    client = aioredis.from_url(redis_url, **redis_options)
     try:
         return await RedisApiKeyStore(client).create(tier, "benchmarks.mesh")
     finally:
@@ -267,9 +267,11 @@ async def ttft_breakdown(
     tokenizer = ChatTokenizer.from_model_dir(repository / MEASURED / "1")
     auth = [("authorization", f"Bearer {api_key}")]
     sampling = common_pb2.SamplingParams(max_tokens=tokens, temperature=0.0, top_p=1.0)
-    triton = TritonReplica(mesh.triton_url.split(",")[0], timeout_s=120)
+    client_tls = s.tls_files("client")  # internal parts (Triton included) take only the mesh's certificates
+    triton_tls = client_tls if s.router.triton_tls else None
+    triton = TritonReplica(mesh.triton_url.split(",")[0], timeout_s=120, tls=triton_tls)
     channels = {
-        name: grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        name: tls.aio_channel(f"127.0.0.1:{port}", client_tls if name != "envoy" else None)
         for name, port in (("envoy", s.http_port), ("gateway", service_port(s, "gateway")),
                            ("router", service_port(s, "router")), ("cache", service_port(s, "cache")))
     }  # fmt: skip
@@ -410,7 +412,8 @@ def print_summary(report: dict[str, object]) -> None:
 async def measure(args: argparse.Namespace, mesh: Mesh, repository: Path, report: dict[str, object]) -> None:
     s = mesh.settings
     envoy_base = f"http://127.0.0.1:{s.http_port}"
-    api_key = await create_key(s.redis_url, Tier.ENTERPRISE)
+    # The password of the redis-server the launcher started (and made one for).
+    api_key = await create_key(s.redis_url, Tier.ENTERPRISE, s.redis_auth(os.environ).client_options(s.redis_url))
     tag = secrets.token_hex(2)
     llama: ManagedProcess | None = None
     llama_base = None

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from control.launcher import redis_answers
-from control.process import ManagedProcess, free_port, grpc_health_probe
+from control.process import ManagedProcess, free_port
 from llmesh.types import Tier
 from llmesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from tests.fixtures.cache import CacheServer, start_cache_server
@@ -40,8 +40,9 @@ def grpc_request(text: str, max_tokens: int = 16) -> chat_pb2.ChatCompletionRequ
     )
 
 
-def stream(target: str, key: str, text: str) -> list[chat_pb2.ChatCompletionChunk]:
-    with grpc.insecure_channel(target) as channel:
+def stream(target: str, key: str, text: str, mesh: RunningMesh | None = None) -> list[chat_pb2.ChatCompletionChunk]:
+    """Through Envoy (plaintext at the edge), or to an internal gateway with `mesh`'s client certificate."""
+    with mesh.channel(target) if mesh else grpc.insecure_channel(target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         return list(
             stub.StreamChatCompletion(grpc_request(text), metadata=[("authorization", f"Bearer {key}")], timeout=120)
@@ -153,10 +154,10 @@ def start_gateway(mesh: RunningMesh, cache_url: str, log_dir: Path) -> SideGatew
     argv = [
         sys.executable, "-m", "gateway", "--port", str(port),
         "--router-url", f"127.0.0.1:{mesh.settings.router.port}", "--redis-url", mesh.redis_url,
-        "--cache-url", cache_url, "--metrics-port", "0",
+        "--cache-url", cache_url, "--metrics-port", "0", *mesh.tls_flags("gateway"),
     ]  # fmt: skip
     process = ManagedProcess("gateway", argv, log_dir / f"gateway-{port}.log").start()
-    process.wait_ready(grpc_health_probe(f"127.0.0.1:{port}"), timeout=60)
+    process.wait_ready(mesh.health_probe(f"127.0.0.1:{port}"), timeout=60)
     return SideGateway(f"127.0.0.1:{port}", process)
 
 
@@ -186,17 +187,17 @@ def test_cache_redis_down_requests_still_served(
     mesh: RunningMesh, cache_redis: tuple[str, ManagedProcess], tmp_path: Path
 ) -> None:
     url, redis_proc = cache_redis
-    cache = start_cache_server(url, tmp_path, "--semantic-threshold", "0", "--breaker-cooldown-s", "30")
+    cache = start_cache_server(url, tmp_path, "--semantic-threshold", "0", "--breaker-cooldown-s", "30", mesh=mesh)
     gateway = start_gateway(mesh, cache.target, tmp_path)
     try:
         key = mesh.create_key(Tier.PAID)
         text = question("a volcano")
-        assert all(c.cache == "" for c in stream(gateway.target, key, text))
-        assert all(c.cache == "exact" for c in stream(gateway.target, key, text))
+        assert all(c.cache == "" for c in stream(gateway.target, key, text, mesh))
+        assert all(c.cache == "exact" for c in stream(gateway.target, key, text, mesh))
 
         redis_proc.stop()
         started = time.monotonic()
-        served = [stream(gateway.target, key, text) for _ in range(3)]
+        served = [stream(gateway.target, key, text, mesh) for _ in range(3)]
         elapsed = time.monotonic() - started
         for chunks in served:  # generated again, no error
             assert all(c.cache == "" for c in chunks)
@@ -212,7 +213,7 @@ def test_cache_redis_down_requests_still_served(
 
         # The cache service itself gone: the gateway bypasses it too.
         cache.process.stop()
-        chunks = stream(gateway.target, key, text)
+        chunks = stream(gateway.target, key, text, mesh)
         assert chunks[-1].finish_reason in ("stop", "length") and all(c.cache == "" for c in chunks)
     finally:
         gateway.process.stop()

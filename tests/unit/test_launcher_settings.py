@@ -212,3 +212,15 @@ def test_free_ports_are_distinct() -> None:
     for _ in range(50):
         ports = free_ports(8)
         assert len(set(ports)) == 8
+
+
+def test_restart_flags_and_env_vars_reach_the_policy() -> None:
+    from control.supervisor import RestartPolicy
+
+    s = llmesh_up(["--restart-max", "2", "--restart-backoff-s", "0.1"], env={"LLMESH_RESTART_WINDOW_S": "30"})
+    assert s.restart_policy == RestartPolicy(max_restarts=2, window_s=30, backoff_s=0.1)
+
+
+def test_up_refuses_a_restart_policy_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["up", "--restart-backoff-s", "5", "--restart-backoff-max-s", "1"]) == 2
+    assert "llmesh: --restart-backoff-max-s (1.0) is below --restart-backoff-s (5.0)" in capsys.readouterr().err
