@@ -89,14 +89,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.command == "up":
-        return run_up(unflatten(MeshSettings, from_namespace(mesh_flags, args)))
-    if args.command == "down":
-        return run_down(unflatten(MeshSettings, from_namespace(mesh_flags, args)))
-    if args.command == "status":
+    if args.command in ("up", "down", "status"):
+        try:
+            mesh_settings = unflatten(MeshSettings, from_namespace(mesh_flags, args))
+        except ValueError as exc:
+            print(f"llmesh: {exc}", file=sys.stderr)
+            return 2
+        if args.command == "up":
+            return run_up(mesh_settings)
+        if args.command == "down":
+            return run_down(mesh_settings)
         from control.status import run_status
 
-        return run_status(unflatten(MeshSettings, from_namespace(mesh_flags, args)), as_json=args.json)
+        return run_status(mesh_settings, as_json=args.json)
     if args.command == "keys":
         from control.keys import keys_command
 

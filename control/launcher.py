@@ -56,6 +56,10 @@ _TLS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 _REDIS_AUTH = ("redis_password_file", "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
 
 
+# Replica i listens on the Triton ports + 10 * i; more than this many tritonservers would not fit one machine anyway.
+MAX_REPLICAS = 64
+
+
 @dataclass(frozen=True)
 class MeshSettings:
     """What `llmesh up` starts: mesh-level knobs, and each service's own settings object.
@@ -143,6 +147,9 @@ class MeshSettings:
     edge: EdgeSettings = field(default_factory=EdgeSettings, metadata=section(unprefixed=("tls_cert", "tls_key")))
 
     def __post_init__(self) -> None:
+        # Checked before wiring, which lists every replica's address (a huge count would exhaust memory).
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"--replicas must be between 1 and {MAX_REPLICAS}, got {self.replicas}")
         for name, values in self.wiring().items():
             object.__setattr__(self, name, dataclasses.replace(getattr(self, name), **values))
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from cache_service.config import CacheSettings
 from control import cli
-from control.launcher import LOOPBACK, MeshSettings
+from control.launcher import LOOPBACK, MAX_REPLICAS, MeshSettings
 from gateway.config import GatewaySettings
 from limiter_service.config import LimiterSettings
 from llmesh.settings import Section, flat_class, flatten, load_settings, to_argv, unflatten
@@ -50,10 +50,10 @@ def _strategy(tp: Any) -> st.SearchStrategy[Any]:
     raise AssertionError(f"no strategy for {tp!r}: add one here")
 
 
-def instances(cls: type[Any]) -> st.SearchStrategy[Any]:
-    """Instances of a settings dataclass with arbitrary values in every field."""
+def instances(cls: type[Any], **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Instances of a settings dataclass with arbitrary values in every field (but those given)."""
     hints = typing.get_type_hints(cls)
-    return st.builds(cls, **{f.name: _strategy(hints[f.name]) for f in dataclasses.fields(cls)})
+    return st.builds(cls, **{f.name: fields.get(f.name) or _strategy(hints[f.name]) for f in dataclasses.fields(cls)})
 
 
 def parse(cls: type[Any], argv: list[str], env_prefix: str, env: dict[str, str] | None = None) -> Any:
@@ -93,7 +93,7 @@ def test_service_argv_wins_over_the_services_env(cls: type[Any], env_prefix: str
 
 
 @settings(max_examples=60, deadline=None)
-@given(flat=instances(flat_class(MeshSettings)))
+@given(flat=instances(flat_class(MeshSettings), replicas=st.integers(1, MAX_REPLICAS)))
 def test_mesh_settings_round_trip_through_llmesh_up(flat: Any) -> None:
     s = unflatten(MeshSettings, flat)
     assert flatten(s) == flat
@@ -224,3 +224,10 @@ def test_restart_flags_and_env_vars_reach_the_policy() -> None:
 def test_up_refuses_a_restart_policy_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["up", "--restart-backoff-s", "5", "--restart-backoff-max-s", "1"]) == 2
     assert "llmesh: --restart-backoff-max-s (1.0) is below --restart-backoff-s (5.0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("replicas", ["0", "-1", str(MAX_REPLICAS + 1), str(10**12)])
+def test_up_refuses_a_replica_count_out_of_range(replicas: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A huge count once made the launcher list that many addresses (and exhaust memory) before anything checked it.
+    assert cli.main(["up", "--replicas", replicas]) == 2
+    assert f"llmesh: --replicas must be between 1 and {MAX_REPLICAS}, got {replicas}" in capsys.readouterr().err
