@@ -53,7 +53,8 @@ def _strategy(tp: Any) -> st.SearchStrategy[Any]:
 def instances(cls: type[Any], **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """Instances of a settings dataclass with arbitrary values in every field (but those given)."""
     hints = typing.get_type_hints(cls)
-    return st.builds(cls, **{f.name: fields.get(f.name) or _strategy(hints[f.name]) for f in dataclasses.fields(cls)})
+    strategies = {f.name: _strategy(hints[f.name]) for f in dataclasses.fields(cls)}
+    return st.builds(cls, **{**strategies, **fields})
 
 
 def parse(cls: type[Any], argv: list[str], env_prefix: str, env: dict[str, str] | None = None) -> Any:
