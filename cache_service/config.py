@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+
+from llmesh.redis_auth import RedisAuthSettings
+from llmesh.tls import TlsSettings
 
 
 @dataclass(frozen=True)
-class CacheSettings:
+class CacheSettings(RedisAuthSettings, TlsSettings):
     host: str = "127.0.0.1"
     port: int = 50054
     # Prometheus /metrics (llmesh.metrics conventions); 0 = off.
@@ -57,15 +59,3 @@ class CacheSettings:
     price_per_million_prompt_tokens: float = 0.15
     price_per_million_completion_tokens: float = 0.60
     log_level: str = "info"
-    # Mutual TLS (llmesh/tls.py): the mesh's CA, this service's certificate and its key (PEM files). All three, or
-    # none (plaintext, development only). With them, the service refuses callers without a certificate the CA
-    # signed, and presents its own to the services it calls. `llmesh up` generates and sets them.
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # Redis credentials (llmesh/redis_auth.py): the password from this file, else from the env var
-    # LLMESH_REDIS_PASSWORD (never a flag: argv is visible to every user of the host). TLS files for rediss:// URLs.
-    redis_password_file: Path | None = None
-    redis_tls_ca_file: Path | None = None
-    redis_tls_cert_file: Path | None = None
-    redis_tls_key_file: Path | None = None

@@ -42,7 +42,7 @@ from control.supervisor import PartState, RestartPolicy, Supervisor
 from gateway.config import GatewaySettings
 from limiter_service.config import LimiterSettings
 from llmesh import paths
-from llmesh.redis_auth import GENERATED_PASSWORD_FILE, RedisAuth, read_password
+from llmesh.redis_auth import GENERATED_PASSWORD_FILE, RedisAuth, RedisAuthSettings, redis_auth
 from llmesh.settings import flat_class, section, to_argv, with_flags
 from llmesh.tls import TlsFiles
 from router.config import RouterSettings
@@ -61,8 +61,11 @@ MAX_REPLICAS = 64
 
 
 @dataclass(frozen=True)
-class MeshSettings:
+class MeshSettings(RedisAuthSettings):
     """What `llmesh up` starts: mesh-level knobs, and each service's own settings object.
+
+    The inherited Redis credentials are those of every part that uses Redis; when no password is set and the
+    launcher starts its own redis-server, it makes one (<state dir>/redis.password, 0600).
 
     Flags and env vars (`llmesh up --help`): a knob is `--http-port` / `LLMESH_HTTP_PORT`; a service's field is
     `--gateway-max-messages` / `LLMESH_GATEWAY_MAX_MESSAGES`, the same env var the service itself reads. The
@@ -114,13 +117,6 @@ class MeshSettings:
     # An operator's certificates instead of generated ones: a folder with ca.pem and <part>.pem + <part>.key for
     # each of control/certs.py's MESH_PARTS.
     mtls_dir: Path | None = None
-    # Redis credentials of every part that uses Redis. The password: this file, else the env var
-    # LLMESH_REDIS_PASSWORD; when neither is set and the launcher starts its own redis-server, it makes one
-    # (<state dir>/redis.password, 0600). TLS files for rediss:// URLs.
-    redis_password_file: Path | None = None
-    redis_tls_ca_file: Path | None = None
-    redis_tls_cert_file: Path | None = None
-    redis_tls_key_file: Path | None = None
 
     # Each service's own settings; metrics are on for all of them (the gateway's and router's are off by default).
     gateway: GatewaySettings = field(
@@ -210,12 +206,7 @@ class MeshSettings:
 
     def redis_auth(self, env: Mapping[str, str]) -> RedisAuth:
         """The credentials the parts use for Redis (the launcher's own checks and tools too)."""
-        return RedisAuth(
-            read_password(self.redis_password_file, env),
-            self.redis_tls_ca_file,
-            self.redis_tls_cert_file,
-            self.redis_tls_key_file,
-        )
+        return redis_auth(self, env)
 
     @property
     def restart_policy(self) -> RestartPolicy:

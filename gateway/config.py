@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+
+from llmesh.redis_auth import RedisAuthSettings
+from llmesh.tls import TlsSettings
 
 
 @dataclass(frozen=True)
-class GatewaySettings:
+class GatewaySettings(RedisAuthSettings, TlsSettings):
     host: str = "127.0.0.1"
     port: int = 50051
     router_url: str = "127.0.0.1:50052"
@@ -70,15 +72,3 @@ class GatewaySettings:
     # Price per 1k tokens by variant, for the cost counter: "variant=price,...".
     prices_per_1k: str = "smollm2-135m-int8=0.0001,smollm2-135m=0.0002,gemma3-270m=0.0004"
     log_level: str = "info"
-    # Mutual TLS (llmesh/tls.py): the mesh's CA, this service's certificate and its key (PEM files). All three, or
-    # none (plaintext, development only). With them, the service refuses callers without a certificate the CA
-    # signed, and presents its own to the services it calls. `llmesh up` generates and sets them.
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # Redis credentials (llmesh/redis_auth.py): the password from this file, else from the env var
-    # LLMESH_REDIS_PASSWORD (never a flag: argv is visible to every user of the host). TLS files for rediss:// URLs.
-    redis_password_file: Path | None = None
-    redis_tls_ca_file: Path | None = None
-    redis_tls_cert_file: Path | None = None
-    redis_tls_key_file: Path | None = None

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmesh.redis_auth import RedisAuthSettings
+from llmesh.tls import TlsSettings
+
 
 @dataclass(frozen=True)
-class LimiterSettings:
+class LimiterSettings(RedisAuthSettings, TlsSettings):
     host: str = "127.0.0.1"
     port: int = 50053
     # Prometheus /metrics; 0 = off.
@@ -28,15 +31,3 @@ class LimiterSettings:
     # died); its tokens stay charged in full. Above the gateway's longest request.
     lease_s: float = 600.0
     log_level: str = "info"
-    # Mutual TLS (llmesh/tls.py): the mesh's CA, this service's certificate and its key (PEM files). All three, or
-    # none (plaintext, development only). With them, the service refuses callers without a certificate the CA
-    # signed, and presents its own to the services it calls. `llmesh up` generates and sets them.
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # Redis credentials (llmesh/redis_auth.py): the password from this file, else from the env var
-    # LLMESH_REDIS_PASSWORD (never a flag: argv is visible to every user of the host). TLS files for rediss:// URLs.
-    redis_password_file: Path | None = None
-    redis_tls_ca_file: Path | None = None
-    redis_tls_cert_file: Path | None = None
-    redis_tls_key_file: Path | None = None

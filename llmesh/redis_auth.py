@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlparse
 
 PASSWORD_ENV = "LLMESH_REDIS_PASSWORD"
@@ -68,17 +68,16 @@ def read_password(password_file: Path | None, env: Mapping[str, str]) -> str | N
     return env.get(PASSWORD_ENV) or None
 
 
-class RedisAuthSettings(Protocol):
-    """The fields a service's settings have for Redis credentials."""
+@dataclass(frozen=True)
+class RedisAuthSettings:
+    """Redis credential fields, inherited by the settings of every part that uses Redis: the password from this
+    file, else from the env var LLMESH_REDIS_PASSWORD (never a flag: argv is visible to every user of the host);
+    TLS files for rediss:// URLs."""
 
-    @property
-    def redis_password_file(self) -> Path | None: ...
-    @property
-    def redis_tls_ca_file(self) -> Path | None: ...
-    @property
-    def redis_tls_cert_file(self) -> Path | None: ...
-    @property
-    def redis_tls_key_file(self) -> Path | None: ...
+    redis_password_file: Path | None = None
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
 
 
 def redis_auth(settings: RedisAuthSettings, env: Mapping[str, str]) -> RedisAuth:

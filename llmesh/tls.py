@@ -10,8 +10,9 @@ fallback to plaintext.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -20,15 +21,16 @@ class TlsConfigError(ValueError):
     """TLS settings that cannot work: some of the files given but not all, or a file that cannot be read."""
 
 
-class TlsSettings(Protocol):
-    """The fields a service's settings have for mutual TLS."""
+@dataclass(frozen=True)
+class TlsSettings:
+    """Mutual TLS fields, inherited by every service's settings: the mesh's CA, this service's certificate and its
+    key (PEM files). All three, or none (plaintext, development only). With them, the service refuses callers
+    without a certificate the CA signed, and presents its own to the services it calls. `llmesh up` generates and
+    sets them."""
 
-    @property
-    def tls_ca_file(self) -> Path | None: ...
-    @property
-    def tls_cert_file(self) -> Path | None: ...
-    @property
-    def tls_key_file(self) -> Path | None: ...
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 class TlsFiles(NamedTuple):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmesh.tls import TlsSettings
 from router.policy import DEFAULT_POLICY_FILE
 
 
 @dataclass(frozen=True)
-class RouterSettings:
+class RouterSettings(TlsSettings):
     host: str = "127.0.0.1"
     port: int = 50052
     # Triton gRPC endpoints serving the same model repository, comma-separated (the replicas).
@@ -31,12 +32,6 @@ class RouterSettings:
     health_interval_s: float = 1.0
     metrics_port: int = 0
     log_level: str = "info"
-    # Mutual TLS (llmesh/tls.py): the mesh's CA, this service's certificate and its key (PEM files). All three, or
-    # none (plaintext, development only). With them, the service refuses callers without a certificate the CA
-    # signed, and presents its own to the services it calls. `llmesh up` generates and sets them.
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
     # Use the same files on the Triton hop (tritonserver --grpc-use-ssl-mutual). `llmesh up` turns it on for the
     # tritonservers it starts; an external Triton is reached as configured here.
     triton_tls: bool = False
