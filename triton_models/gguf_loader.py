@@ -1,7 +1,9 @@
-"""Read a llama-architecture GGUF into a typed config, fp32 numpy weights and tokenizer metadata.
+"""Read a Llama-family GGUF (llama, gemma3, qwen2, qwen3) into a typed config, fp32 numpy weights and tokenizer
+metadata.
 
 Weights keep their GGUF names and the GGUF row layout: a linear weight is [out_features, in_features].
-Q/K rows are in the GGUF writer's permuted order, which pairs *adjacent* dims for RoPE (see reference.py).
+Llama Q/K rows are in the GGUF writer's permuted order, which pairs *adjacent* dims for RoPE (see reference.py);
+Gemma and Qwen rows are stored as trained and rotate halves (llama.cpp's "NEOX" RoPE for these architectures).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ TOKEN_TYPE_USER_DEFINED = 4
 class LlamaConfig:
     """A decoder of the Llama family. The defaults after `tied_embeddings` describe Llama itself; Gemma 3
     (`arch="gemma3"`) sets them: scaled embeddings, q/k RMS norms, norms after attention and FFN, GELU (tanh),
-    sliding-window attention on most layers with their own RoPE base."""
+    sliding-window attention on most layers with their own RoPE base. Qwen2 (`arch="qwen2"`) is Llama with biases
+    on the Q/K/V projections; Qwen3 (`arch="qwen3"`) is Llama with q/k RMS norms and a head size of its own."""
 
     n_layers: int
     d_model: int
@@ -49,6 +52,16 @@ class LlamaConfig:
     @property
     def gemma(self) -> bool:
         return self.arch == "gemma3"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the Q/K/V projections have biases (Qwen2)."""
+        return self.arch == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether q and k go through an RMS norm per head before RoPE (Gemma 3, Qwen3)."""
+        return self.arch in ("gemma3", "qwen3")
 
     def is_local(self, layer: int) -> bool:
         """Whether `layer` uses sliding-window attention."""
@@ -104,7 +117,7 @@ def _require(reader: Any, key: str) -> Any:
 # Architectures the graph builder knows. Gemma 3 facts not in its GGUF metadata follow llama.cpp's loader for
 # that architecture: every 6th layer global (the rest sliding-window), RoPE base 10,000 on local layers,
 # attention scale 1 / sqrt(head_dim) (true for every size but 27B), embeddings scaled by sqrt(d_model).
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3")
 _GEMMA3_GLOBAL_EVERY = 6
 _GEMMA3_LOCAL_ROPE_BASE = 10_000.0
 
@@ -113,29 +126,37 @@ def read_config(reader: Any) -> LlamaConfig:
     arch = _require(reader, "general.architecture")
     if arch == "gemma3":
         return _read_gemma3_config(reader)
-    if arch != "llama":
+    if arch not in ("llama", "qwen2", "qwen3"):
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    d_model = int(_require(reader, "llama.embedding_length"))
-    n_heads = int(_require(reader, "llama.attention.head_count"))
-    head_dim = int(_field(reader, "llama.rope.dimension_count", d_model // n_heads))
-    if head_dim * n_heads != d_model:
+    a = arch + "."
+    d_model = int(_require(reader, a + "embedding_length"))
+    n_heads = int(_require(reader, a + "attention.head_count"))
+    # Qwen3 states its head size (it need not be d_model / n_heads); Llama and Qwen2 imply it.
+    head_dim = int(_field(reader, a + "attention.key_length", d_model // n_heads))
+    if int(_field(reader, a + "attention.value_length", head_dim)) != head_dim:
+        raise ValueError("GGUF with different key and value head sizes is not supported")
+    rotary = int(_field(reader, a + "rope.dimension_count", head_dim))
+    if rotary != head_dim or (arch != "qwen3" and head_dim * n_heads != d_model):
         raise ValueError(f"partial rotary / odd head sizes are not supported ({head_dim=} {n_heads=} {d_model=})")
+    if _field(reader, a + "rope.scaling.type") not in (None, "none") and _field(reader, a + "rope.scaling.factor"):
+        raise ValueError(f"{arch} GGUF with RoPE scaling (YaRN / linear) is not supported yet")
     tokens = _require(reader, "tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
     return LlamaConfig(
-        n_layers=int(_require(reader, "llama.block_count")),
+        n_layers=int(_require(reader, a + "block_count")),
         d_model=d_model,
-        ffn_dim=int(_require(reader, "llama.feed_forward_length")),
+        ffn_dim=int(_require(reader, a + "feed_forward_length")),
         n_heads=n_heads,
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        n_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_heads)),
         head_dim=head_dim,
-        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_eps=float(_require(reader, "llama.attention.layer_norm_rms_epsilon")),
-        vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))),
-        context_length=int(_require(reader, "llama.context_length")),
+        rope_base=float(_field(reader, a + "rope.freq_base", 10000.0)),
+        rms_eps=float(_require(reader, a + "attention.layer_norm_rms_epsilon")),
+        vocab_size=int(_field(reader, a + "vocab_size", len(tokens))),
+        context_length=int(_require(reader, a + "context_length")),
         tied_embeddings="output.weight" not in names,
+        arch=arch,
     )
 
 
@@ -239,12 +260,21 @@ def _check_shapes(cfg: LlamaConfig, weights: dict[str, Float32Array]) -> None:
             f"blk.{i}.ffn_up.weight": (cfg.ffn_dim, cfg.d_model),
             f"blk.{i}.ffn_down.weight": (cfg.d_model, cfg.ffn_dim),
         }
-        if cfg.gemma:
+        if cfg.qk_norm:
             expected |= {
                 f"blk.{i}.attn_q_norm.weight": (cfg.head_dim,),
                 f"blk.{i}.attn_k_norm.weight": (cfg.head_dim,),
+            }
+        if cfg.gemma:
+            expected |= {
                 f"blk.{i}.post_attention_norm.weight": (cfg.d_model,),
                 f"blk.{i}.post_ffw_norm.weight": (cfg.d_model,),
+            }
+        if cfg.qkv_bias:
+            expected |= {
+                f"blk.{i}.attn_q.bias": (cfg.n_heads * cfg.head_dim,),
+                f"blk.{i}.attn_k.bias": (kv_dim,),
+                f"blk.{i}.attn_v.bias": (kv_dim,),
             }
     for name, shape in expected.items():
         if name not in weights:

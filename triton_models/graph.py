@@ -128,6 +128,61 @@ def from_gguf_q4_1(raw: UInt8Array, n: int, k: int) -> QuantizedLinear:
     return QuantizedLinear(n, k, 4, pack(q, 4), d, zero, offsets=m)
 
 
+def _fp16(blocks: UInt8Array, start: int) -> Float32Array:
+    """The little-endian fp16 at byte `start` of every block ([..., bytes] -> [...]) as fp32."""
+    return blocks[..., start : start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def from_gguf_q4_k(raw: UInt8Array, n: int, k: int) -> QuantizedLinear:
+    """Exact repacking of GGUF Q4_K super-blocks (256 values: 8 sub-blocks of 32, each w = d * sc * q - dmin * m
+    with 6-bit sc, m and 4-bit q) into 4-bit MatMulNBits blocks of 32: scale d * sc, zero 0, offset -dmin * m."""
+    blocks = raw.reshape(n, k // 256, 144)
+    d, dmin = _fp16(blocks, 0), _fp16(blocks, 2)
+    packed_scales = blocks[:, :, 4:16].astype(np.uint8)
+    sc = np.empty((n, k // 256, 8), np.uint8)
+    m = np.empty((n, k // 256, 8), np.uint8)
+    # ggml's get_scale_min_k4: sub-blocks 0-3 keep 6 bits in bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7 take
+    # their low 4 bits from bytes 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7.
+    sc[:, :, :4] = packed_scales[:, :, 0:4] & 63
+    m[:, :, :4] = packed_scales[:, :, 4:8] & 63
+    sc[:, :, 4:] = (packed_scales[:, :, 8:12] & 0x0F) | ((packed_scales[:, :, 0:4] >> 6) << 4)
+    m[:, :, 4:] = (packed_scales[:, :, 8:12] >> 4) | ((packed_scales[:, :, 4:8] >> 6) << 4)
+    # qs: four chunks of 32 bytes; chunk j holds sub-block 2j in its low nibbles and 2j + 1 in its high nibbles.
+    qs = blocks[:, :, 16:144].reshape(n, k // 256, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k // BLOCK, BLOCK)
+    scales = (d[:, :, None] * sc).reshape(n, k // BLOCK).astype(np.float32)
+    offsets = (-dmin[:, :, None] * m).reshape(n, k // BLOCK).astype(np.float32)
+    zero = np.zeros((n, (k // BLOCK + 1) // 2), dtype=np.uint8)
+    return QuantizedLinear(n, k, 4, pack(q, 4), scales, zero, offsets=offsets)
+
+
+def from_gguf_q5_0(raw: UInt8Array, n: int, k: int) -> QuantizedLinear:
+    """Exact repacking of GGUF Q5_0 blocks (w = d * (q - 16), 5-bit q) into 8-bit MatMulNBits (q, zero 16)."""
+    blocks = raw.reshape(n, k // BLOCK, 22)
+    d = _fp16(blocks, 0)
+    high = blocks[:, :, 2:6].copy().view("<u4")[:, :, 0]  # bit j = high bit of element j
+    bits = ((high[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    qs = blocks[:, :, 6:22]
+    # ggml order: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2) | (bits << 4)
+    zp = np.full((n, k // BLOCK), 16, dtype=np.uint8)
+    return QuantizedLinear(n, k, 8, q.astype(np.uint8), d, zp)
+
+
+def widen_to_8_bits(weight: QuantizedLinear) -> QuantizedLinear:
+    """The same values in 8-bit blocks (exact): lets a 4-bit weight join 8-bit rows, or serve as a lookup table."""
+    if weight.bits == 8:
+        return weight
+    if weight.zero_points.dtype != np.uint8:
+        raise ValueError("only weights with integer zero points can be widened")
+    blocks = weight.k // BLOCK
+    zero = unpack(weight.zero_points.astype(np.uint8).reshape(weight.n, -1), 4)[:, :blocks]
+    q = unpack(weight.packed.reshape(weight.n, blocks, -1), 4)
+    return QuantizedLinear(
+        weight.n, weight.k, 8, q, weight.scales, np.ascontiguousarray(zero), offsets=weight.offsets
+    )
+
+
 def from_gguf_q8_0(raw: UInt8Array, n: int, k: int) -> QuantizedLinear:
     """Exact repacking of GGUF Q8_0 blocks (w = d * q, int8 q) into 8-bit MatMulNBits (q + 128, zero 128)."""
     blocks = raw.reshape(n, k // BLOCK, 34)
@@ -164,15 +219,25 @@ class DecoderWeights:
     k_norm: list[Float32Array] | None = None
     post_attn_norm: list[Float32Array] | None = None
     post_ffn_norm: list[Float32Array] | None = None
+    # Qwen2 only (config.qkv_bias): the Q, K and V projections' biases, concatenated like `qkv`'s rows.
+    qkv_bias: list[Float32Array] | None = None
 
 
 def concat_rows(parts: list[Linear]) -> Linear:
+    """One linear whose output rows are the parts' (e.g. Q, K, V -> QKV). Quantized parts of different bit widths
+    (a GGUF may store V in 6 bits and Q, K in 4) are widened to 8 bits first; exact either way."""
     if all(isinstance(p, np.ndarray) for p in parts):
         return np.ascontiguousarray(np.concatenate(parts, axis=0))  # type: ignore[arg-type]
     qs = [p for p in parts if isinstance(p, QuantizedLinear)]
-    if len(qs) != len(parts) or len({(p.bits, p.k, p.zero_points.dtype, p.offsets is None) for p in qs}) != 1:
+    if len(qs) == len(parts) and len({p.bits for p in qs}) > 1:
+        qs = [widen_to_8_bits(p) for p in qs]
+    if len(qs) != len(parts) or len({(p.bits, p.k, p.zero_points.dtype) for p in qs}) != 1:
         raise ValueError("cannot fuse linear weights of different formats")
-    offsets = None if qs[0].offsets is None else np.concatenate([p.offsets for p in qs if p.offsets is not None])
+    offsets = None
+    if any(p.offsets is not None for p in qs):
+        offsets = np.concatenate(
+            [p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in qs]
+        ).astype(np.float32)
     return QuantizedLinear(
         sum(p.n for p in qs),
         qs[0].k,
@@ -229,7 +294,7 @@ class _Builder:
 
     def lookup(self, table: QuantizedLinear, ids: str, name: str) -> str:
         """Rows `ids` of an 8-bit table, dequantized: (q - zero) * scale per 32-wide block -> [B, S, K]."""
-        if table.bits != 8 or table.zero_points.dtype != np.uint8 or table.offsets is not None:
+        if table.bits != 8 or table.zero_points.dtype != np.uint8:
             raise ValueError("only 8-bit tables with integer zero points can be looked up")
         packed, scales, zeros = self.quantized(table, name)
         blocks = table.k // BLOCK
@@ -249,6 +314,10 @@ class _Builder:
                 self.node("Unsqueeze", [scale, trailing])[0],
             ],
         )[0]
+        if table.offsets is not None:
+            offsets = self.const(name + ".offsets_table", table.offsets.astype(np.float32))
+            offset = self.node("Gather", [offsets, ids], axis=0)[0]
+            value = self.node("Add", [value, self.node("Unsqueeze", [offset, trailing])[0]])[0]
         return self.node("Reshape", [value, self.const(name + ".k", np.array([0, 0, table.k], np.int64))])[0]
 
     def linear(self, x: str, weight: Linear, name: str) -> str:
@@ -333,6 +402,8 @@ def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int
     q_dim, kv_dim = cfg.n_heads * hd, n_kv * hd
     for i in range(cfg.n_layers):
         qkv = b.linear(h, weights.qkv[i], f"blk.{i}.attn_qkv")
+        if weights.qkv_bias is not None:
+            qkv = b.node("Add", [qkv, b.const(f"blk.{i}.attn_qkv.bias", weights.qkv_bias[i])])[0]
         attention_inputs = [qkv, "", ""]
         if weights.q_norm is not None and weights.k_norm is not None:
             q, k, v = b.node(

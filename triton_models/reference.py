@@ -24,10 +24,12 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _linear(weight: Float32Array) -> nn.Linear:
+def _linear(weight: Float32Array, bias: Float32Array | None = None) -> nn.Linear:
     out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=False)
+    layer = nn.Linear(in_features, out_features, bias=bias is not None)
     layer.weight = nn.Parameter(torch.from_numpy(weight.copy()), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(torch.from_numpy(bias.copy()), requires_grad=False)
     return layer
 
 
@@ -58,18 +60,20 @@ class Block(nn.Module):
         p = f"blk.{i}."
         self.cfg = cfg
         self.attn_norm = RMSNorm(weights[p + "attn_norm.weight"], cfg.rms_eps)
-        self.q = _linear(weights[p + "attn_q.weight"])
-        self.k = _linear(weights[p + "attn_k.weight"])
-        self.v = _linear(weights[p + "attn_v.weight"])
+        bias = (lambda name: weights[p + name]) if cfg.qkv_bias else (lambda name: None)
+        self.q = _linear(weights[p + "attn_q.weight"], bias("attn_q.bias"))
+        self.k = _linear(weights[p + "attn_k.weight"], bias("attn_k.bias"))
+        self.v = _linear(weights[p + "attn_v.weight"], bias("attn_v.bias"))
         self.o = _linear(weights[p + "attn_output.weight"])
         self.ffn_norm = RMSNorm(weights[p + "ffn_norm.weight"], cfg.rms_eps)
         self.gate = _linear(weights[p + "ffn_gate.weight"])
         self.up = _linear(weights[p + "ffn_up.weight"])
         self.down = _linear(weights[p + "ffn_down.weight"])
         self.layer = i
-        if cfg.gemma:
+        if cfg.qk_norm:
             self.q_norm = RMSNorm(weights[p + "attn_q_norm.weight"], cfg.rms_eps)
             self.k_norm = RMSNorm(weights[p + "attn_k_norm.weight"], cfg.rms_eps)
+        if cfg.gemma:
             self.post_attn_norm = RMSNorm(weights[p + "post_attention_norm.weight"], cfg.rms_eps)
             self.post_ffn_norm = RMSNorm(weights[p + "post_ffw_norm.weight"], cfg.rms_eps)
 
@@ -81,8 +85,10 @@ class Block(nn.Module):
         k = self.k(h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v(h).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         positions = torch.arange(t)
-        if cfg.gemma:
+        if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.arch != "llama":
+            # Gemma and Qwen GGUFs keep the trained (rotate-half) layout; llama.cpp rotates them NEOX-style.
             base = cfg.layer_rope_base(self.layer)
             q, k = rope_half(q, positions, base), rope_half(k, positions, base)
         else:
