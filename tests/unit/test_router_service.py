@@ -246,7 +246,8 @@ def test_auto_request_is_templated_and_tokenized_once_and_generate_streams_the_g
     replica = ScriptedReplica("a", ANSWER)
     router, tokenizers = counting_router(replica)
     prepared, events = prepare_then_generate(router)
-    assert prepared.route == RouteInfo("small", "tier paid default small", RouteKind.TIER_DEFAULT)
+    assert (prepared.route.variant, prepared.route.kind) == ("small", RouteKind.TIER_DEFAULT)
+    assert prepared.route.reason.startswith("tier paid default small; complexity ")
     assert work(tokenizers) == {"small": (1, 1), "large": (0, 0)}, "the probe's ids are the prompt's"
     assert replica.calls == [("small", list(prepared.input_ids))]
     assert events[-1].usage is not None and events[-1].usage.prompt_tokens == len(prepared.input_ids)
