@@ -69,6 +69,10 @@ class GatewaySettings(RedisAuthSettings, TlsSettings):
     key_last_used_interval_s: float = 60.0
     # Prometheus /metrics on this port (0 = off).
     metrics_port: int = 0
-    # Price per 1k tokens by variant, for the cost counter: "variant=price,...".
-    prices_per_1k: str = "smollm2-135m-int8=0.0001,smollm2-135m=0.0002,gemma3-270m=0.0004"
+    # Price per 1k tokens by variant, for the cost counter: "variant=price,...". The defaults are router/policy.toml's
+    # (proportional to parameters: 0.001 per billion per 1k tokens); keep the two in step when changing either.
+    prices_per_1k: str = (
+        "smollm2-135m-int8=0.0001345,smollm2-135m=0.0001345,gemma3-270m=0.000268,"
+        "qwen2.5-coder-0.5b=0.000494,qwen2.5-coder-1.5b=0.00154"
+    )
     log_level: str = "info"

@@ -209,7 +209,7 @@ def _load_checkpoint(source: str, path: Path) -> _Checkpoint:
 
 def _build(spec: ArtifactSpec, out: Path) -> None:
     # Build-only dependencies are imported here so that importing this module (e.g. for artifact_key) stays light.
-    from triton_models.graph import build_graph, save_graph
+    from triton_models.graph import write_graph
     from triton_models.weights import from_gguf, from_hf
 
     checkpoint = _load_checkpoint(spec.source, spec.checkpoint)
@@ -220,7 +220,7 @@ def _build(spec: ArtifactSpec, out: Path) -> None:
         )
     load = from_hf if spec.source == "hf" else from_gguf
     weights = load(spec.checkpoint, spec.weights)  # type: ignore[arg-type]
-    save_graph(build_graph(weights, spec.max_context), out / GRAPH_FILE)
+    write_graph(weights, spec.max_context, out / GRAPH_FILE)
     del weights
     checkpoint.tokenizer.save(str(out / TOKENIZER_FILE))
     info = ArtifactInfo(

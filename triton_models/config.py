@@ -20,7 +20,7 @@ from llmesh import paths
 from llmesh.settings import add_arguments, from_namespace
 from triton_models.artifact import ArtifactSpec
 from triton_models.catalogue import DEFAULT_VARIANTS, KNOWN_VARIANTS, SOURCES, VariantSpec, hf_variants
-from triton_models.sources import default_gguf_path, gemma_gguf_path
+from triton_models.sources import default_gguf_path, gemma_gguf_path, qwen_gguf_path
 
 ENV_PREFIX = "LLMESH_BUILD_"
 # Fields that say where things are, not what is built or served.
@@ -140,6 +140,8 @@ class BuildSettings:
             return self.gemma_gguf_path or gemma_gguf_path()
         if source == "hf" and self.hf_path is not None:
             return self.hf_path
+        if source.startswith("qwen2.5-coder-"):
+            return qwen_gguf_path(source.removeprefix("qwen2.5-coder-"))
         raise ValueError(f"unknown checkpoint source {source!r}; known: {', '.join(SOURCES)}")
 
     def artifact(self, variant: str) -> ArtifactSpec:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -94,11 +94,26 @@ def unpack(packed: UInt8Array, bits: int) -> UInt8Array:
     return out
 
 
+# Rows quantized at a time: the float64 temporaries of a 152k-row head stay ~100 MB instead of several GB.
+_QUANTIZE_ROWS = 4096
+
+
 def quantize_blockwise(weight: Float32Array, bits: int) -> QuantizedLinear:
-    """Asymmetric per-block (32) quantization of a [N, K] fp32 weight (for checkpoints that are not GGUF)."""
+    """Asymmetric per-block (32) quantization of a [N, K] fp32 weight (for checkpoints that are not GGUF, and GGUF
+    block types MatMulNBits cannot hold)."""
     n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    if n > _QUANTIZE_ROWS:
+        parts = [quantize_blockwise(weight[i : i + _QUANTIZE_ROWS], bits) for i in range(0, n, _QUANTIZE_ROWS)]
+        return QuantizedLinear(
+            n,
+            k,
+            bits,
+            np.concatenate([p.packed for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            np.concatenate([p.zero_points for p in parts]),
+        )
     levels = (1 << bits) - 1
     blocks = weight.reshape(n, k // BLOCK, BLOCK).astype(np.float64)
     lo = np.minimum(blocks.min(axis=2), 0.0)
@@ -249,21 +264,45 @@ def concat_rows(parts: list[Linear]) -> Linear:
     )
 
 
+# Initializers of at least this many bytes go to the external data file when the graph is written to disk.
+_EXTERNAL_BYTES = 1024
+# Their offsets in that file are page-aligned, so onnxruntime can map them instead of copying.
+_ALIGN = 4096
+
+
 class _Builder:
-    def __init__(self, accuracy_level: int) -> None:
+    def __init__(self, accuracy_level: int, data: BinaryIO | None = None, location: str = "") -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
         self._count = 0
         # Initializer names of quantized weights already added, by object: a tied table is stored once.
         self._quantized: dict[int, tuple[str, str, str]] = {}
+        # Where large initializers are written as they are made (write_graph): a build then never holds the whole
+        # graph's weights in memory a second time, as protobuf tensors.
+        self._data = data
+        self._location = location
 
     def name(self, prefix: str) -> str:
         self._count += 1
         return f"{prefix}_{self._count}"
 
     def const(self, name: str, array: npt.NDArray[np.generic]) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self._data is None or array.nbytes < _EXTERNAL_BYTES:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        offset = -self._data.tell() % _ALIGN + self._data.tell()
+        self._data.seek(offset)
+        self._data.write(array.tobytes())
+        tensor = onnx.TensorProto(
+            name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype)
+        )
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self._location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
         return name
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
@@ -356,8 +395,20 @@ def input_names(n_layers: int) -> list[str]:
 
 
 def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int = 4) -> onnx.ModelProto:
+    """The decoder graph with every weight inside the proto (small models, tests)."""
+    return _build(weights, max_positions, _Builder(accuracy_level))
+
+
+def write_graph(weights: DecoderWeights, max_positions: int, path: Path, accuracy_level: int = 4) -> None:
+    """The decoder graph written to `path`, its weights to `<path>.data` as they are made (page-aligned)."""
+    location = path.name + ".data"
+    with (path.parent / location).open("wb") as data:
+        model = _build(weights, max_positions, _Builder(accuracy_level, data, location))
+    onnx.save_model(model, str(path))
+
+
+def _build(weights: DecoderWeights, max_positions: int, b: _Builder) -> onnx.ModelProto:
     cfg = weights.config
-    b = _Builder(accuracy_level)
     hd, n_kv = cfg.head_dim, cfg.n_kv_heads
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -477,15 +528,3 @@ def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 9
     return model
-
-
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
-    # Weights in one external file next to the graph: the proto stays small and loads fast.
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )

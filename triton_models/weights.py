@@ -95,9 +95,17 @@ def from_gguf(path: Path, fmt: WeightFormat) -> DecoderWeights:
             return get(name)
         if fmt == "gguf" and kind in _EXACT:
             return _EXACT[kind](t.data, n, k)
-        if fmt == "q4":
-            return quantize_blockwise(get(name), 4)
-        return quantize_blockwise(get(name), 8)
+        return requantize(name, 4 if fmt == "q4" else 8)
+
+    def requantize(name: str, bits: int) -> QuantizedLinear:
+        """Dequantize and re-quantize a few thousand rows at a time: a 152k-row head never exists in fp32."""
+        t = tensors[name]
+        rows = t.data.reshape(int(t.shape[1]), -1)
+        parts = [
+            quantize_blockwise(np.asarray(dequantize(rows[i : i + _ROWS], t.tensor_type), dtype=np.float32), bits)
+            for i in range(0, rows.shape[0], _ROWS)
+        ]
+        return concat_rows(parts)  # type: ignore[arg-type, return-value]
 
     def table(name: str) -> QuantizedLinear:
         """An embedding table the graph looks rows up in: 8-bit blocks (exact for the GGUF block types above)."""
@@ -106,7 +114,7 @@ def from_gguf(path: Path, fmt: WeightFormat) -> DecoderWeights:
             exact = _EXACT[t.tensor_type.name](t.data, int(t.shape[1]), int(t.shape[0]))
             if exact.zero_points.dtype == np.uint8:
                 return widen_to_8_bits(exact)
-        return quantize_blockwise(get(name), 8)
+        return requantize(name, 8)
 
     head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
     embedding: Float32Array | QuantizedLinear
@@ -131,6 +139,7 @@ def from_gguf(path: Path, fmt: WeightFormat) -> DecoderWeights:
 
 # GGUF block types repacked exactly (graph.py's from_gguf_*); others are dequantized and re-quantized to 8 bits.
 _EXACT = {"Q4_1": from_gguf_q4_1, "Q4_K": from_gguf_q4_k, "Q5_0": from_gguf_q5_0, "Q8_0": from_gguf_q8_0}
+_ROWS = 4096
 # Embedding tables at least this large are looked up from 8-bit blocks in the served graph (not fp32).
 _LOOKUP_TABLE_ELEMENTS = 64_000_000
 

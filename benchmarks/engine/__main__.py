@@ -48,7 +48,12 @@ QUESTIONS = [
     "Describe how bread is made, from wheat to loaf.",
 ]
 # Variants measured per model family (`--model`): the first is the one compared with llama.cpp in the ratios.
-MODELS = {"smollm2": ("smollm2-135m-int8", "smollm2-135m"), "gemma3": ("gemma3-270m",)}
+MODELS = {
+    "smollm2": ("smollm2-135m-int8", "smollm2-135m"),
+    "gemma3": ("gemma3-270m",),
+    "qwen2.5-coder-0.5b": ("qwen2.5-coder-0.5b",),
+    "qwen2.5-coder-1.5b": ("qwen2.5-coder-1.5b",),
+}
 ANCHOR = "llama.cpp"
 
 
@@ -339,8 +344,8 @@ async def kv_budget_64(url: str, metrics_url: str, variant: str, prompts: list[l
 
 
 def speculative(repository: Path, prompts: list[list[int]], max_tokens: int, target: str) -> dict[str, float]:
-    """Single-stream greedy decode of the fp32 variant with and without its int8 draft, in process (no Triton),
-    alternating per prompt; the outputs must be identical."""
+    """Single-stream greedy decode of `target` with and without its draft (SmolLM2 fp32 with its int8 variant, the
+    Qwen 1.5B with the 0.5B), in process (no Triton), alternating per prompt; the outputs must be identical."""
     import dataclasses
 
     from triton_models.engine import Engine, EngineSampling, GenerationRequest
@@ -400,10 +405,12 @@ def quality(repository: Path, variants: tuple[str, ...]) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     variants = MODELS[args.model]
-    settings = BuildSettings(variants=variants, max_queue_delay_us=args.max_queue_delay_us)
+    # Drafts are built beside their targets (speculative decoding loads them from the same repository).
+    drafts = tuple(d for v in variants if (d := BuildSettings().spec(v).draft) and d not in variants)
+    settings = BuildSettings(variants=variants + drafts, max_queue_delay_us=args.max_queue_delay_us)
     repository = ensure_model_repository(settings)
     # llama.cpp serves the very GGUF the variants were built from.
-    gguf = settings.source_path("gemma3" if args.model == "gemma3" else "smollm2")
+    gguf = settings.source_path(settings.spec(variants[0]).source)
     tokenizer = ChatTokenizer.from_model_dir(repository / variants[0] / "1")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     log_dir = paths.state_dir() / "bench-engine"
@@ -503,9 +510,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         }
         print(f"roofline {v}: {roofline[v]}")
     report["roofline"] = roofline
-    if len(variants) > 1:
-        report["speculative"] = speculative(repository, prompts, args.max_tokens, variants[1])
-        print(f"speculative decoding (fp32 target, int8 draft, c=1, in process): {report['speculative']}")
+    targets = [v for v in settings.variants if settings.engine(v)["draft"]]
+    if targets:
+        report["speculative"] = speculative(repository, prompts, args.max_tokens, targets[0])
+        draft = settings.engine(targets[0])["draft"]
+        print(f"speculative decoding ({targets[0]}, {draft} drafts, c=1, in process): {report['speculative']}")
     report["quality"] = quality(repository, variants)
     print(f"quality: {report['quality']}")
     return report

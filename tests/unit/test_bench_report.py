@@ -119,7 +119,7 @@ def test_plan_and_spec_from_flags(tmp_path: Path) -> None:
     )  # fmt: skip
     assert (spec.seed, spec.max_tokens, spec.mix) == (6, 16, {"repeat": 1.0})
     assert spec.prices == {**command.mesh_prices(), "a": Price(1.0, 1.0), "b": Price(0.1, 0.3)}
-    assert spec.prices["smollm2-135m"] == Price(0.0002, 0.0002)  # the gateway's default price
+    assert spec.prices["smollm2-135m"] == Price(0.0001345, 0.0001345)  # the gateway's default price
     assert spec.tier_weights == {"paid": 2.0, "free": 0.5}
 
 

@@ -28,6 +28,7 @@ from triton_models.graph import (
     from_gguf_q5_0,
     quantize_blockwise,
     widen_to_8_bits,
+    write_graph,
 )
 from triton_models.weights import from_gguf
 
@@ -187,6 +188,16 @@ def test_qwen2_gguf_blocks_are_served_exactly(tmp_path: Path, monkeypatch: pytes
     _check(path, "gguf", 1e-3)
 
 
+def test_other_block_types_are_requantized_to_8_bits(tmp_path: Path) -> None:
+    # Q4_0 is not repacked as it is: dequantized and re-quantized to 8-bit blocks, a few thousand rows at a time.
+    path = tmp_path / "tiny-q4_0.gguf"
+    types = _quantized_types(QWEN2) | {"blk.1.attn_output.weight": QType.Q4_0, "output.weight": QType.Q4_0}
+    write_gguf(path, QWEN2, _random_tensors(QWEN2, np.random.default_rng(9)), types)
+    weights = from_gguf(path, "gguf")
+    assert not isinstance(weights.o[1], np.ndarray) and weights.o[1].bits == 8
+    _check(path, "gguf", 2e-2)
+
+
 def test_a_dropped_bias_or_interleaved_rope_would_be_caught(tmp_path: Path) -> None:
     # The checks above have teeth: each Qwen2 difference from Llama changes the logits well beyond the tolerance.
     from triton_models.reference import ReferenceLlama
@@ -237,3 +248,33 @@ def test_rows_of_4_and_8_bits_fuse_exactly() -> None:
     fused = concat_rows([q, v])
     assert not isinstance(fused, np.ndarray) and fused.bits == 8
     np.testing.assert_allclose(fused.dequantize(), np.concatenate([q.dequantize(), v.dequantize()]), atol=1e-6)
+
+
+def test_quantizing_in_row_chunks_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton_models import graph
+
+    weight = np.random.default_rng(5).normal(0, 0.1, (10, 64)).astype(np.float32)
+    whole = quantize_blockwise(weight, 4)
+    monkeypatch.setattr(graph, "_QUANTIZE_ROWS", 3)
+    chunked = quantize_blockwise(weight, 4)
+    np.testing.assert_array_equal(chunked.packed, whole.packed)
+    np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+
+
+def test_a_graph_written_to_disk_streams_its_weights_and_computes_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "tiny-q.gguf"
+    write_gguf(path, QWEN2, _random_tensors(QWEN2, np.random.default_rng(8)), _quantized_types(QWEN2))
+    weights = from_gguf(path, "gguf")
+    write_graph(weights, QWEN2.context_length, tmp_path / "model.onnx", accuracy_level=0)
+    assert (tmp_path / "model.onnx").stat().st_size < 50_000 < (tmp_path / "model.onnx.data").stat().st_size
+    on_disk = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    in_memory = Session(weights).session
+    shape = (1, QWEN2.n_kv_heads, QWEN2.context_length, QWEN2.head_dim)
+    feeds = {
+        "input_ids": np.array([[5, 6, 7]], np.int64),
+        "seqlens_k": np.array([2], np.int32),
+        "total_sequence_length": np.array(3, np.int32),
+        "logits_index": np.arange(3, dtype=np.int64),
+    } | {f"past_{k}_{i}": np.zeros(shape, np.float32) for i in range(QWEN2.n_layers) for k in ("key", "value")}
+    np.testing.assert_array_equal(on_disk.run(["logits"], feeds)[0], in_memory.run(["logits"], feeds)[0])

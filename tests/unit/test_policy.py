@@ -353,3 +353,17 @@ def test_load_tracker_p95_counts_waiting_requests() -> None:
     load.finished("v", stuck)
     now[0] += 20.0
     assert load.ttft_p95("v") == 0.0, "samples leave the window"
+
+
+def test_gateway_cost_counter_prices_are_the_policy_prices() -> None:
+    # The gateway cannot import the router (services are independent), so its default price list repeats the
+    # policy's; this keeps the two in step.
+    from gateway.config import GatewaySettings
+    from gateway.metrics import parse_prices
+    from triton_models.catalogue import KNOWN_VARIANTS
+
+    gateway = parse_prices(GatewaySettings().prices_per_1k)
+    policy = load_policy(DEFAULT_POLICY_FILE, list(KNOWN_VARIANTS))
+    assert set(gateway) == set(KNOWN_VARIANTS)
+    for variant, price in gateway.items():
+        assert price == pytest.approx(policy.price_per_1k(variant), rel=1e-3), variant
