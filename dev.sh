@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for people and CI on Debian/Ubuntu with Python 3.11+:
-#   ./dev.sh serve [llmesh up flags]   install what is missing, build the model (cached), start the mesh
+#   ./dev.sh serve [llmesh up flags]   install what is missing, build the models (cached), start the mesh
+#                                      (all three tiers; `--variants smollm2-135m-int8,qwen2.5-coder-0.5b` serves fewer)
 #   ./dev.sh test  [pytest args]       install what is missing, lint, type-check, test (tests build the models they need, cached)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -59,18 +60,13 @@ install_python_packages() {
   touch "$stamp"
 }
 
-build_model() {
-  log "building the model repository (cached by content hash)"
-  "$VENV/bin/llmesh" build >&2
-}
-
 cmd=${1:-}
 shift || true
 case "$cmd" in
   serve)
     install_system_packages
     install_python_packages
-    build_model
+    # `llmesh up` builds the model repository of its --variants (default: the three tiers), cached by content hash.
     exec "$VENV/bin/llmesh" up "$@"
     ;;
   test)

@@ -91,8 +91,11 @@ class MeshSettings(RedisAuthSettings):
     triton_metrics_port: int = 8002
     # An already running Triton (host:port of its gRPC endpoint) instead of starting one.
     external_triton_url: str = ""
-    # Model repository to serve; empty = build (or reuse the cached build of) the default variants.
+    # Model repository to serve; empty = build (or reuse the cached build of) `variants`.
     model_repository: Path | None = None
+    # Variants to build and serve when no model_repository is given (`--variants smollm2-135m-int8,qwen2.5-coder-0.5b`);
+    # empty = the default three tiers (triton_models.catalogue.DEFAULT_VARIANTS).
+    variants: tuple[str, ...] = ()
     # Logs (<state dir>/logs), the rendered Envoy config, services.json, the pid file.
     state_dir: Path | None = None
     startup_timeout_s: float = 900.0
@@ -499,8 +502,9 @@ class Mesh:
             from triton_models.config import BuildSettings
             from triton_models.repository import ensure_model_repository
 
-            log.info("building the model repository (cached after the first run)")
-            self.model_repository = ensure_model_repository(BuildSettings())
+            build = BuildSettings(variants=s.variants) if s.variants else BuildSettings()
+            log.info("building the model repository of %s (cached after the first run)", ", ".join(build.variants))
+            self.model_repository = ensure_model_repository(build)
 
         if not s.external_triton_url:
             from triton_models.runtime import prepare_backend_dir, tritonserver_command

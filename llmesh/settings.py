@@ -2,7 +2,7 @@
 
 Each service declares one frozen dataclass; `load_settings(Cls, argv, env_prefix="LLMESH_ROUTER_")` gives
 `--triton-url` / `LLMESH_ROUTER_TRITON_URL` for a field `triton_url`. Field types: scalars, `X | None`, and
-`tuple[X, ...]` (a flag taking one or more values; env: whitespace-separated). Optional field metadata:
+`tuple[X, ...]` (a flag taking one or more values, space- or comma-separated; env likewise). Optional field metadata:
 `help` (the flag's help text) and `flag` (another flag name, e.g. `--gguf`; a bool field whose flag starts with
 `--no-` takes no value and sets False).
 """
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], env_prefix: s
         default = field.default if field.default is not dataclasses.MISSING else None
         if env_name in os.environ:
             raw = os.environ[env_name]
-            default = convert(raw) if item is None else tuple(convert(v) for v in raw.split())
+            default = convert(raw) if item is None else tuple(convert(v) for v in raw.replace(",", " ").split())
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
         about = f"(env {env_name}; default {default!r})"
         if "help" in field.metadata:
@@ -82,8 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], env_prefix: s
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {k: v for k, v in vars(namespace).items() if k in names and v is not None}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs="+" gives lists
+    # nargs="+" gives lists; "a,b" is taken as "a b" too (`--variants a,b`).
+    values = {k: _split_commas(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
+
+
+def _split_commas(values: list[Any]) -> tuple[Any, ...]:
+    return tuple(
+        part for value in values for part in (value.split(",") if isinstance(value, str) else [value]) if part != ""
+    )
 
 
 def load_settings(cls: type[T], argv: list[str] | None, env_prefix: str, description: str = "") -> T:

@@ -47,6 +47,10 @@ def _strategy(tp: Any) -> st.SearchStrategy[Any]:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if len(args) == 1 and args[0] in _SCALARS:
         return st.none() | _SCALARS[args[0]]
+    if typing.get_origin(tp) is tuple and args == [str, Ellipsis]:
+        # Names such as variants: one or more, none empty, without the separators (space, comma) or a leading "-".
+        name = st.text(st.characters(categories=["L", "N"], include_characters="._"), min_size=1, max_size=12)
+        return st.lists(name, min_size=1, max_size=3).map(tuple)
     raise AssertionError(f"no strategy for {tp!r}: add one here")
 
 

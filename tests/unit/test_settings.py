@@ -119,3 +119,16 @@ def test_clashing_flags_fail_early() -> None:
 
     with pytest.raises(TypeError, match="part_port"):
         flat_class(Clash)
+
+
+def test_list_flags_take_commas_as_well_as_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton_models.config import add_build_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    args = parser.parse_args(["--variants", "smollm2-135m-int8,qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+    assert settings_from(args).variants == ("smollm2-135m-int8", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+    monkeypatch.setenv("LLMESH_BUILD_VARIANTS", "smollm2-135m-int8,qwen2.5-coder-0.5b")
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    assert settings_from(parser.parse_args([])).variants == ("smollm2-135m-int8", "qwen2.5-coder-0.5b")
