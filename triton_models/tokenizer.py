@@ -2,7 +2,7 @@
 
 `build_tokenizer` turns GGUF tokenizer metadata into a `tokenizers.Tokenizer` (saved as `tokenizer.json` at build
 time); `ChatTokenizer` loads that file plus `llmesh_model.json` at serve time. Two GGUF tokenizer models are
-supported: byte-level BPE ("gpt2", e.g. SmolLM2) and SentencePiece ("llama", e.g. Gemma 3).
+supported: byte-level BPE ("gpt2", e.g. SmolLM2, Qwen2.5) and SentencePiece ("llama", e.g. Gemma 3).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from llmesh.model_artifact import TOKENIZER_FILE
 
@@ -28,8 +28,29 @@ _USER_DEFINED = 4
 _SPM_SPACE = "\u2581"
 
 # Control tokens that end a turn in common chat formats; llama.cpp treats the same names as end-of-generation.
-# Only those present in the vocab as control tokens are used, next to the GGUF's eos id.
-_END_OF_TURN_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+# Only those present in the vocab as control tokens are used, next to the GGUF's eos id. Qwen's three FIM
+# control tokens are on llama.cpp's list too (it stops on them), so a Qwen model stops where llama.cpp does.
+_END_OF_TURN_NAMES = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|eom_id|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 split (src/llama-vocab.cpp): Qwen2's tokenizer.json regex with the
+# case-insensitive contraction group spelled out in ASCII, as llama.cpp does (`(?i:'s)` in Oniguruma would also
+# fold e.g. the long s U+017F to "s"). Every digit is its own piece. llama.cpp runs a hand-written matcher for
+# exactly this regex (unicode.cpp, unicode_regex_split_custom_qwen2); tests/unit/test_tokenizer_qwen.py checks
+# the two agree on llama.cpp's own output.
+_QWEN2_SPLIT = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -41,8 +62,17 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         # llama.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM: every digit on its own, then GPT-2 splitting. This is what
         # SmolLM's HF tokenizer.json encodes as Sequence[Digits(individual_digits), ByteLevel].
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre == "qwen2":
+        # No NFC normalizer, unlike Qwen2's tokenizer.json: llama.cpp does not normalize, and the served GGUF is
+        # llama.cpp's model, so decomposed text ("e" + U+0301) keeps its decomposed ids here too.
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     raise NotImplementedError(
-        f"GGUF pre-tokenizer {pre!r} is not supported yet (known: default, gpt2, smollm); "
+        f"GGUF pre-tokenizer {pre!r} is not supported yet (known: default, gpt2, smollm, qwen2); "
         f"its split regex must be added to triton_models/tokenizer.py"
     )
 
