@@ -128,7 +128,9 @@ class Session:
         model = build_graph(weights, cfg.context_length, accuracy_level=0)
         self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         shape = (1, cfg.n_kv_heads, cfg.context_length, cfg.head_dim)
-        self.past = {f"past_{k}_{i}": np.zeros(shape, np.float32) for i in range(cfg.n_layers) for k in ("key", "value")}
+        self.past = {
+            f"past_{k}_{i}": np.zeros(shape, np.float32) for i in range(cfg.n_layers) for k in ("key", "value")
+        }
         self.length = 0
 
     def run(self, ids: list[int]) -> np.ndarray:
