@@ -19,6 +19,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,6 +87,7 @@ def describe_exit(returncode: int) -> str:
 # ---- dying with the parent ---------------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
+_SETPRIV = shutil.which("setpriv")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else None
 
 
@@ -201,13 +203,19 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits: only tie children to the main
         # thread, which lives as long as the launcher (a worker thread's children would die with the worker).
-        preexec = None
+        # util-linux's setpriv sets it and execs the command; Python code between fork and exec (preexec_fn) can
+        # deadlock in the child when the parent has other threads (a launcher inside a test process hung there,
+        # in the child's malloc), so that is only the fallback where setpriv is missing.
+        argv, preexec = list(self.argv), None
         if _libc is not None and threading.current_thread() is threading.main_thread():
-            preexec = _die_with_parent(os.getpid())
+            if _SETPRIV is not None:
+                argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+            else:
+                preexec = _die_with_parent(os.getpid())
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         try:
             self.popen = subprocess.Popen(
-                list(self.argv),
+                argv,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
