@@ -62,6 +62,9 @@ class ArtifactSpec:
     checkpoint: Path  # hashed by content, never by path
     weights: str  # catalogue.VariantSpec.weights
     max_context: int  # sizes the graph's RoPE caches; the served context
+    # Speculative decoding verifies with this graph (its variant has a draft): single-row steps are padded so that
+    # they compute exactly as verification does (graph._SingleRowPadding).
+    pad_single_row: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def artifact_key(
         "source": spec.source,
         "weights": spec.weights,
         "max_context": spec.max_context,
+        "pad_single_row": spec.pad_single_row,
         "builder": builder or builder_fingerprint(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
@@ -220,7 +224,7 @@ def _build(spec: ArtifactSpec, out: Path) -> None:
         )
     load = from_hf if spec.source == "hf" else from_gguf
     weights = load(spec.checkpoint, spec.weights)  # type: ignore[arg-type]
-    write_graph(weights, spec.max_context, out / GRAPH_FILE)
+    write_graph(weights, spec.max_context, out / GRAPH_FILE, pad_single_row=spec.pad_single_row)
     del weights
     checkpoint.tokenizer.save(str(out / TOKENIZER_FILE))
     info = ArtifactInfo(

@@ -147,7 +147,9 @@ class BuildSettings:
     def artifact(self, variant: str) -> ArtifactSpec:
         """What shapes the graphs of `variant`: all that goes into its artifact key."""
         spec = self.spec(variant)
-        return ArtifactSpec(spec.source, self.source_path(spec.source), spec.weights, self.max_context)
+        return ArtifactSpec(
+            spec.source, self.source_path(spec.source), spec.weights, self.max_context, pad_single_row=bool(spec.draft)
+        )
 
     def engine(self, variant: str) -> dict[str, int | bool | str]:
         """engine.EngineConfig fields of `variant`, for its llmesh_model.json."""

@@ -19,7 +19,8 @@ Graph contract (B rows, S new tokens per row, L = KV buffer length per row):
 
 GroupQueryAttention derives RoPE positions from seqlens_k, so rows need no position input. Its CPU kernel
 accepts S > 1 together with a past only for B == 1 (chunked prefill, speculative verification), and S == 1
-decode steps for any B; the engine schedules accordingly.
+decode steps for any B; the engine schedules accordingly. A single-row step (B == 1, S == 1) also writes scratch K/V
+one position past the row's end when the buffer has it (_SingleRowPadding says why).
 
 RoPE: GGUF Llama tensors store Q/K rows permuted so that RoPE rotates adjacent pairs (2i, 2i+1); that is
 GroupQueryAttention's `rotary_interleaved=1`, so the rows are used as they are.
@@ -394,20 +395,65 @@ def input_names(n_layers: int) -> list[str]:
     return names
 
 
-def build_graph(weights: DecoderWeights, max_positions: int, accuracy_level: int = 4) -> onnx.ModelProto:
-    """The decoder graph with every weight inside the proto (small models, tests)."""
-    return _build(weights, max_positions, _Builder(accuracy_level))
+def build_graph(
+    weights: DecoderWeights, max_positions: int, accuracy_level: int = 4, pad_single_row: bool = False
+) -> onnx.ModelProto:
+    """The decoder graph with every weight inside the proto (small models, tests). `pad_single_row`: see
+    _SingleRowPadding (graphs that speculative decoding verifies with)."""
+    return _build(weights, max_positions, _Builder(accuracy_level), pad_single_row)
 
 
-def write_graph(weights: DecoderWeights, max_positions: int, path: Path, accuracy_level: int = 4) -> None:
+def write_graph(
+    weights: DecoderWeights, max_positions: int, path: Path, accuracy_level: int = 4, pad_single_row: bool = False
+) -> None:
     """The decoder graph written to `path`, its weights to `<path>.data` as they are made (page-aligned)."""
     location = path.name + ".data"
     with (path.parent / location).open("wb") as data:
-        model = _build(weights, max_positions, _Builder(accuracy_level, data, location))
+        model = _build(weights, max_positions, _Builder(accuracy_level, data, location), pad_single_row)
     onnx.save_model(model, str(path))
 
 
-def _build(weights: DecoderWeights, max_positions: int, b: _Builder) -> onnx.ModelProto:
+class _SingleRowPadding:
+    """Single-row steps (B == 1, S == 1) run GroupQueryAttention on their row plus a throwaway copy of it (S = 2).
+
+    Why: for a [1, K] x [K, N] product with alpha 1, MLAS (onnxruntime's CPU GEMM) takes a non-FMA kernel that
+    rounds differently from the kernel of every larger M, and GroupQueryAttention's probabilities x V product has
+    M = S. So a plain decode step computed attention slightly differently from the same position inside a
+    speculative verification or a prefill chunk (S > 1), and greedy speculative decoding was not exactly greedy.
+    Every other op in the graph gives bitwise the same row for any S. The real row cannot see the copy (it comes
+    after it); the copy's K/V land one position past the row's end, scratch that the next token overwrites, and only
+    when the buffer has that position. Batched steps (B > 1) keep S = 1, as the kernel refuses S > 1 with a past
+    for B > 1: their rows match one another, not a single-row step. So it is a trade, made per variant: only graphs
+    speculative decoding verifies with (variants with a draft) are padded; the others keep a request's tokens the
+    same alone and batched."""
+
+    def __init__(self, b: _Builder) -> None:
+        self.b = b
+        ids_shape = b.node("Shape", ["input_ids"])[0]
+        one = b.const("pad.one", np.array(1, np.int64))
+        dims = [b.node("Gather", [ids_shape, b.const(f"pad.dim{d}", np.array(d, np.int64))])[0] for d in (0, 1)]
+        single = b.node("And", [b.node("Equal", [dims[0], one])[0], b.node("Equal", [dims[1], one])[0]])[0]
+        buffer = b.node("Gather", [b.node("Shape", ["past_key_0"])[0], b.const("pad.dim2", np.array(2, np.int64))])[0]
+        last = b.node("Cast", [b.node("ReduceMax", ["seqlens_k"], keepdims=0)[0]], to=TensorProto.INT64)[0]
+        flag = b.node("And", [single, b.node("Less", [b.node("Add", [last, one])[0], buffer])[0]])[0]
+        pad32 = b.node("Cast", [flag], to=TensorProto.INT32)[0]
+        self.seqlens_k = b.node("Add", ["seqlens_k", pad32])[0]
+        self.total = b.node("Add", ["total_sequence_length", pad32])[0]
+        self.start = b.const("pad.start", np.array([0], np.int64))
+        self.axis = b.const("pad.axis", np.array([1], np.int64))
+        self.copy_end = b.node("Cast", [b.node("Reshape", [flag, self.axis])[0]], to=TensorProto.INT64)[0]  # [0 or 1]
+        self.seq_end = b.node("Slice", [ids_shape, self.axis, b.const("pad.two", np.array([2], np.int64))])[0]  # [S]
+
+    def append_copy(self, x: str) -> str:
+        """[B, S, D] -> [B, S + pad, D]: the first row appended after x when padding, x otherwise."""
+        head = self.b.node("Slice", [x, self.start, self.copy_end, self.axis])[0]
+        return self.b.node("Concat", [x, head], axis=1)[0]
+
+    def drop_copy(self, x: str) -> str:
+        return self.b.node("Slice", [x, self.start, self.seq_end, self.axis])[0]
+
+
+def _build(weights: DecoderWeights, max_positions: int, b: _Builder, pad_single_row: bool) -> onnx.ModelProto:
     cfg = weights.config
     hd, n_kv = cfg.head_dim, cfg.n_kv_heads
     inputs = [
@@ -450,6 +496,7 @@ def _build(weights: DecoderWeights, max_positions: int, b: _Builder) -> onnx.Mod
         x = b.node("Mul", [x, b.const("embed_scale", np.array(cfg.embed_scale, np.float32))])[0]
     h = b.rms_norm(x, weights.attn_norm[0], "blk.0.attn_norm", cfg.rms_eps)
     residual = x
+    pad = _SingleRowPadding(b) if pad_single_row else None
     q_dim, kv_dim = cfg.n_heads * hd, n_kv * hd
     for i in range(cfg.n_layers):
         qkv = b.linear(h, weights.qkv[i], f"blk.{i}.attn_qkv")
@@ -463,6 +510,8 @@ def _build(weights: DecoderWeights, max_positions: int, b: _Builder) -> onnx.Mod
             q = b.head_norm(q, weights.q_norm[i], f"blk.{i}.attn_q_norm", cfg.n_heads, cfg.rms_eps)
             k = b.head_norm(k, weights.k_norm[i], f"blk.{i}.attn_k_norm", n_kv, cfg.rms_eps)
             attention_inputs = [q, k, v]
+        if pad is not None:
+            attention_inputs = [pad.append_copy(t) if t else t for t in attention_inputs]
         cos, sin = rope[cfg.layer_rope_base(i)]
         extra: dict[str, Any] = {}
         if cfg.is_local(i):
@@ -473,7 +522,15 @@ def _build(weights: DecoderWeights, max_positions: int, b: _Builder) -> onnx.Mod
             extra["scale"] = cfg.attn_scale
         attn, _, _ = b.node(
             "GroupQueryAttention",
-            [*attention_inputs, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", cos, sin],
+            [
+                *attention_inputs,
+                f"past_key_{i}",
+                f"past_value_{i}",
+                pad.seqlens_k if pad is not None else "seqlens_k",
+                pad.total if pad is not None else "total_sequence_length",
+                cos,
+                sin,
+            ],
             n_out=3,
             domain=MS_DOMAIN,
             num_heads=cfg.n_heads,
@@ -485,7 +542,7 @@ def _build(weights: DecoderWeights, max_positions: int, b: _Builder) -> onnx.Mod
         # GroupQueryAttention's present outputs must carry the graph output names.
         b.nodes[-1].output[1] = f"present_key_{i}"
         b.nodes[-1].output[2] = f"present_value_{i}"
-        o = b.linear(attn, weights.o[i], f"blk.{i}.attn_output")
+        o = b.linear(attn if pad is None else pad.drop_copy(attn), weights.o[i], f"blk.{i}.attn_output")
         if weights.post_attn_norm is not None:
             o = b.rms_norm(o, weights.post_attn_norm[i], f"blk.{i}.post_attention_norm", cfg.rms_eps)
         h, _, _, residual = b.node(

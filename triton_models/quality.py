@@ -46,3 +46,19 @@ def evaluate(engine: Engine, ids: list[int]) -> Quality:
 
 def top1_agreement(a: Quality, b: Quality) -> float:
     return float(np.mean(a.top1 == b.top1))
+
+
+def chunked_perplexity(engine: Engine, ids: list[int], n_ctx: int = 512) -> tuple[float, int]:
+    """Perplexity as llama.cpp's `llama-perplexity -c n_ctx` computes it: the tokens (no BOS added) cut into whole
+    chunks of n_ctx, each run on its own from position 0, only the second half of each chunk scored (logits at
+    n_ctx/2 .. n_ctx-2 against the next tokens). Returns (perplexity, tokens scored)."""
+    half = n_ctx // 2
+    nll: list[float] = []
+    for start in range(0, len(ids) - n_ctx + 1, n_ctx):
+        chunk = ids[start : start + n_ctx]
+        logits = engine.score(chunk, all_positions=True)
+        targets = np.asarray(chunk[half + 1 :], dtype=np.int64)
+        nll.extend((-log_probs(logits[half : n_ctx - 1], targets)).tolist())
+    if not nll:
+        raise ValueError(f"need at least {n_ctx} tokens, got {len(ids)}")
+    return float(np.exp(np.mean(nll))), len(nll)

@@ -1,6 +1,8 @@
 """Greedy speculative decoding for a lone running sequence: a small draft model proposes k tokens one by one, the
 target checks all of them in one call (S = k + 1), and the agreeing prefix plus the target's own next token are
-emitted. The output is exactly the target's greedy output; only the number of target calls changes.
+emitted. The output is exactly the target's greedy output, bit for bit, as long as the graph computes a row the
+same whatever the number of tokens in its call: the graph makes single-row steps take the attention kernels of
+S > 1 calls for that (graph.py, _SingleRowPadding). Only the number of target calls changes.
 
 The draft keeps its own KV in its own pool, slot for slot with the target's, and is caught up lazily
 (seq.draft_len): after a prefill, a prefix-cache hit, a move or a preemption it recomputes what it lacks.
