@@ -221,6 +221,7 @@ class _Metrics:
         "decode_steps": "batched decode calls",
         "spec_proposed": "speculative decoding: draft tokens proposed",
         "spec_accepted": "speculative decoding: draft tokens accepted by the target (rate = accepted / proposed)",
+        "spec_paused_steps": "speculative decoding: plain steps of a lone sequence whose drafts were mostly refused",
     }
 
     def __init__(self, model: str) -> None:

@@ -286,3 +286,42 @@ def test_model_failure_ends_every_sequence_with_an_error_and_the_engine_recovers
     again = submit(engine, prompt(60, 8), 5)
     run(engine)
     assert (again.tokens, again.reason) == reference(prompt(60, 8), 5)
+
+
+class WrongDraft(FakeRunner):
+    """A draft that never proposes what the target picks (its choice shifted by one token id)."""
+
+    def forward(self, slot0: int, ids: np.ndarray, seqlens_k: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        logits = super().forward(slot0, ids, seqlens_k, logits_index)
+        return np.roll(logits, 1, axis=1)
+
+
+def _speculative_engine(draft_class: type[FakeRunner]) -> tuple[Engine, FakeRunner]:
+    config = EngineConfig(max_running=4, kv_budget_tokens=4096, prefill_chunk=32, draft="d", speculative_k=4)
+    slots = 2 * config.max_running + config.max_cached
+    runner = FakeRunner(KVPool(1, 1, 16, slots, METADATA.context_length))
+    draft = draft_class(KVPool(1, 1, 16, slots, METADATA.context_length))
+    return Engine(runner, config, draft), runner
+
+
+def test_a_sequence_whose_drafts_are_refused_stops_speculating_and_tries_again_later() -> None:
+    tokens = prompt(21, 12)
+    expected, reason = reference(tokens, 120)
+    engine, _ = _speculative_engine(WrongDraft)
+    sink = submit(engine, tokens, 120)
+    run(engine)
+    assert (sink.tokens, sink.reason) == (expected, reason)  # the same output either way
+    stats = engine.stats
+    assert stats.spec_accepted == 0 and stats.spec_paused_steps > 0
+    # Two refused rounds pause it; then one retry per 16 plain steps.
+    assert stats.spec_rounds <= 2 + len(expected) // 16 + 1
+
+
+def test_a_sequence_whose_drafts_are_accepted_keeps_speculating() -> None:
+    tokens = prompt(22, 12)
+    expected, reason = reference(tokens, 60)
+    engine, _ = _speculative_engine(FakeRunner)
+    sink = submit(engine, tokens, 60)
+    run(engine)
+    assert (sink.tokens, sink.reason) == (expected, reason)
+    assert engine.stats.spec_paused_steps == 0 and engine.stats.spec_accepted > 0

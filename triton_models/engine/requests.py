@@ -104,6 +104,8 @@ class Seq:
     done: bool = False  # left the scheduler (finished, cancelled or failed)
     closed: bool = False  # the sink got its final call (attempted)
     draft_len: int = 0  # leading tokens whose K/V are in the draft model's slot (speculative decoding)
+    spec_acceptance: float = 1.0  # moving average of this sequence's accepted / proposed per round
+    spec_paused: int = 0  # plain steps since speculation was paused for a low acceptance
 
     @property
     def sampling(self) -> EngineSampling:

@@ -269,9 +269,18 @@ class Scheduler:
         spec = self.speculative
         if spec is None or seq.sampling.temperature != 0.0 or self.prefilling or self.waiting:
             return False  # newcomers first: a round is ~k times longer than a step
+        config = self.config
+        if seq.spec_acceptance < config.speculative_min_acceptance:
+            # Drafts were mostly refused lately: plain steps (the output is the same either way), then a new try.
+            seq.spec_paused += 1
+            if seq.spec_paused <= config.speculative_retry_steps:
+                self.stats.spec_paused_steps += 1
+                return False
+            seq.spec_paused, seq.spec_acceptance = 0, config.speculative_min_acceptance
         if seq.kv_len + spec.k + 1 > self.capacity or not self.slots.reserve(seq, seq.kv_len + spec.k + 1):
             return False
         result = spec.round(seq, self.runner)
+        seq.spec_acceptance = 0.5 * seq.spec_acceptance + 0.5 * result.accepted / spec.k
         self.stats.spec_rounds += 1
         self.stats.spec_proposed += spec.k
         self.stats.spec_accepted += result.accepted
