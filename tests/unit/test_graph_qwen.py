@@ -280,3 +280,65 @@ def test_a_graph_written_to_disk_streams_its_weights_and_computes_the_same(tmp_p
         "logits_index": np.arange(3, dtype=np.int64),
     } | {f"past_{k}_{i}": np.zeros(shape, np.float32) for i in range(QWEN2.n_layers) for k in ("key", "value")}
     np.testing.assert_array_equal(on_disk.run(["logits"], feeds)[0], in_memory.run(["logits"], feeds)[0])
+
+
+_HF = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+@pytest.mark.parametrize("cfg", [QWEN2, QWEN3], ids=["qwen2", "qwen3"])
+def test_hugging_face_qwen_checkpoint_matches_the_reference(cfg: LlamaConfig, tmp_path: Path) -> None:
+    # Qwen's GGUF rows are the Hugging Face rows (no RoPE permutation), so the same tensors under HF names must give
+    # the reference's logits: biases (Qwen2) and q/k norms (Qwen3) read by their HF names.
+    import json
+
+    from tests.unit.test_graph import _write_safetensors
+    from triton_models.reference import ReferenceLlama
+    from triton_models.weights import from_hf
+
+    tensors = _random_tensors(cfg, np.random.default_rng(11))
+    hf = {
+        "model.embed_tokens.weight": tensors["token_embd.weight"],
+        "model.norm.weight": tensors["output_norm.weight"],
+        "lm_head.weight": tensors["output.weight"],
+    }
+    for name, array in tensors.items():
+        if name.startswith("blk."):
+            _, layer, rest = name.split(".", 2)
+            hf[f"model.layers.{layer}.{_HF[rest]}"] = array
+    _write_safetensors(tmp_path / "model.safetensors", hf)
+    config = {
+        "model_type": cfg.arch,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "rope_theta": cfg.rope_base,
+        "rms_norm_eps": cfg.rms_eps,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "tie_word_embeddings": False,
+        "rope_scaling": None,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = from_hf(tmp_path, "fp32")
+    assert weights.config == cfg and (weights.qkv_bias is not None) == cfg.qkv_bias
+    ids = [4, 8, 15, 16, 23, 42, 7, 1]
+    expected = ReferenceLlama(cfg, tensors).eval()(torch.tensor([ids]))[0].numpy()
+    assert np.abs(Session(weights).run(ids) - expected).max() < 1e-4
