@@ -41,6 +41,10 @@ from llmesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2, limiter_pb2, limiter_
 from tests.fixtures.limiter import LimiterProcess, RedisProcess
 from tests.fixtures.mesh import RunningMesh
 
+# A prompt every test variant answers at length (SmolLM2 int8, paid keys' stand-in default when no Qwen is served,
+# may stop counting to 1000 after a few numbers, ending a stream before the test cuts it).
+LONG_ANSWER = "Write a long story about a dragon who learns to cook."
+
 # Free fails closed while Redis is down (requests refused, their Redis reservations must be released); paid fails
 # open (decided by the limiter's local store: its Redis reservations too must be released). Limits are far above
 # the load, so every refusal is a fault's, except the concurrency check at the end.
@@ -248,7 +252,7 @@ def test_single_flight_waiters_hold_concurrency_slots_through_the_mesh(mesh: Run
         time.sleep(0.2)
 
     request = chat_pb2.ChatCompletionRequest(
-        messages=[common_pb2.ChatMessage(role="user", content=f"Count from 1 to 1000. ({uuid.uuid4().hex[:6]})")],
+        messages=[common_pb2.ChatMessage(role="user", content=f"{LONG_ANSWER} ({uuid.uuid4().hex[:6]})")],
         temperature=0,
         max_tokens=300,
     )
@@ -304,7 +308,7 @@ def test_a_gateway_stopped_mid_stream_settles_before_it_exits(mesh: RunningMesh,
     try:
         gateway.wait_ready(mesh.health_probe(f"127.0.0.1:{port}"), timeout=60)
         request = chat_pb2.ChatCompletionRequest(
-            messages=[common_pb2.ChatMessage(role="user", content=f"Count from 1 to 1000. ({uuid.uuid4().hex[:6]})")],
+            messages=[common_pb2.ChatMessage(role="user", content=f"{LONG_ANSWER} ({uuid.uuid4().hex[:6]})")],
             temperature=0,
             max_tokens=300,
         )
