@@ -148,18 +148,19 @@ def test_plaintext_and_untrusted_clients_fail_cleanly(tls_mesh: TlsMesh) -> None
 def test_non_streaming_answer_longer_than_the_stream_idle_timeout(tls_mesh: TlsMesh) -> None:
     """A non-streaming answer is silent until the generation is done; it still arrives when that takes several times
     the stream idle timeout (1 s here), over HTTP/JSON and over gRPC."""
-    # The model goes on to max_tokens with this prompt (measured: 1024 tokens of 1024).
-    prompt = "Write a long story about a lighthouse keeper."
+    # SmolLM2 fp32 goes on to max_tokens with this prompt (measured: 1024 tokens of 1024); pinned, since `auto`
+    # may land on the int8 twin, which can end the story sooner.
+    prompt, model = "Write a long story about a lighthouse keeper.", "smollm2-135m"
     started = time.monotonic()
     reply = tls_mesh.openai().chat.completions.create(
-        model="auto", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=256
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=256
     )
     elapsed = time.monotonic() - started
     assert reply.usage is not None and reply.choices[0].finish_reason == "length"
     assert elapsed > 2 * STREAM_IDLE_S, f"the answer took {elapsed:.1f}s: not long enough to test anything"
 
     request = chat_pb2.ChatCompletionRequest(
-        messages=[common_pb2.ChatMessage(role="user", content=prompt)], temperature=0, max_tokens=192
+        model=model, messages=[common_pb2.ChatMessage(role="user", content=prompt)], temperature=0, max_tokens=192
     )
     with tls_mesh.channel() as channel:
         started = time.monotonic()

@@ -59,7 +59,13 @@ def test_up_starts_redis_serves_restarts_a_dead_part_and_gives_up_on_it(triton_s
 
         # Killed once: restarted with the same arguments (so the same port), and serving again.
         os.kill(gateway_pid, signal.SIGKILL)
-        status = _wait_status(state, lambda s: s["parts"][_index(s, "gateway")]["health"] == "healthy", 60)
+        # Healthy (the status reader's own probe) and marked ready by the supervisor (its next poll: a moment later).
+        status = _wait_status(
+            state,
+            lambda s: s["parts"][_index(s, "gateway")]["health"] == "healthy"
+            and s["parts"][_index(s, "gateway")]["ready_at"] is not None,
+            60,
+        )
         gateway = status["parts"][_index(status, "gateway")]
         assert (gateway["restarts"], gateway["last_exit"]) == (1, "killed by signal SIGKILL")
         took = gateway["ready_at"] - gateway["last_exit_at"]
