@@ -5,9 +5,9 @@ sliding-window attention, in one prefill and token by token through the KV cache
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
+from tests.unit.test_graph_qwen import Session
 from triton_models.gguf_loader import LlamaConfig
 from triton_models.graph import DecoderWeights, QuantizedLinear, build_graph, concat_rows, quantize_blockwise
 
@@ -87,33 +87,6 @@ def _decoder(w: dict[str, np.ndarray], table: np.ndarray | QuantizedLinear) -> D
         post_attn_norm=[w[p + "post_attention_norm.weight"] for p in blk],
         post_ffn_norm=[w[p + "post_ffw_norm.weight"] for p in blk],
     )
-
-
-class Session:
-    """The graph run the way the engine runs it: one row, a KV buffer of fixed length, prefill then decode."""
-
-    def __init__(self, weights: DecoderWeights) -> None:
-        model = build_graph(weights, CFG.context_length, accuracy_level=0)
-        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        shape = (1, CFG.n_kv_heads, CFG.context_length, CFG.head_dim)
-        self.past = {
-            f"past_{k}_{i}": np.zeros(shape, np.float32) for i in range(CFG.n_layers) for k in ("key", "value")
-        }
-        self.length = 0
-
-    def run(self, ids: list[int]) -> np.ndarray:
-        self.length += len(ids)
-        feeds = {
-            "input_ids": np.array([ids], np.int64),
-            "seqlens_k": np.array([self.length - 1], np.int32),
-            "total_sequence_length": np.array(self.length, np.int32),
-            "logits_index": np.arange(len(ids), dtype=np.int64),
-            **self.past,
-        }
-        names = ["logits"] + [n.replace("past", "present") for n in self.past]
-        logits, *present = self.session.run(names, feeds)
-        self.past = dict(zip(self.past, present, strict=True))
-        return logits  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
