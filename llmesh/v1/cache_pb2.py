@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmesh/v1/cache.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"\xa7\x01\n\x08\x43\x61\x63heKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x1d\n\x04tier\x18\x06 \x01(\x0e\x32\x0f.llmesh.v1.TierJ\x04\x08\x05\x10\x06\"\\\n\x12\x43\x61\x63heLookupRequest\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.llmesh.v1.CacheKey\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\x12\x0f\n\x07no_wait\x18\x03 \x01(\x08\"\xc5\x01\n\x13\x43\x61\x63heLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x12\n\nsimilarity\x18\x06 \x01(\x02\x12\r\n\x05store\x18\x07 \x01(\x08\x12\x14\n\x0c\x66light_token\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x08\"\xa3\x01\n\x11\x43\x61\x63heStoreRequest\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.llmesh.v1.CacheKey\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x08\x12\x14\n\x0c\x66light_token\x18\x06 \x01(\t\"$\n\x12\x43\x61\x63heStoreResponse\x12\x0e\n\x06result\x18\x01 \x01(\t\"3\n\x11\x43\x61\x63heFlushRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06public\x18\x02 \x01(\x08\"%\n\x12\x43\x61\x63heFlushResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x32\xe3\x01\n\x0c\x43\x61\x63heService\x12G\n\x06Lookup\x12\x1d.llmesh.v1.CacheLookupRequest\x1a\x1e.llmesh.v1.CacheLookupResponse\x12\x44\n\x05Store\x12\x1c.llmesh.v1.CacheStoreRequest\x1a\x1d.llmesh.v1.CacheStoreResponse\x12\x44\n\x05\x46lush\x12\x1c.llmesh.v1.CacheFlushRequest\x1a\x1d.llmesh.v1.CacheFlushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmesh/v1/cache.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"\xde\x01\n\x08\x43\x61\x63heKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x1d\n\x04tier\x18\x06 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12%\n\x06output\x18\x07 \x01(\x0b\x32\x15.llmesh.v1.OutputSpec\x12\x0e\n\x06prompt\x18\x08 \x01(\tJ\x04\x08\x05\x10\x06\"\\\n\x12\x43\x61\x63heLookupRequest\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.llmesh.v1.CacheKey\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\r\x12\x0f\n\x07no_wait\x18\x03 \x01(\x08\"\xc5\x01\n\x13\x43\x61\x63heLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x12\n\nsimilarity\x18\x06 \x01(\x02\x12\r\n\x05store\x18\x07 \x01(\x08\x12\x14\n\x0c\x66light_token\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x08\"\xa3\x01\n\x11\x43\x61\x63heStoreRequest\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.llmesh.v1.CacheKey\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x08\x12\x14\n\x0c\x66light_token\x18\x06 \x01(\t\"$\n\x12\x43\x61\x63heStoreResponse\x12\x0e\n\x06result\x18\x01 \x01(\t\"3\n\x11\x43\x61\x63heFlushRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06public\x18\x02 \x01(\x08\"%\n\x12\x43\x61\x63heFlushResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x32\xe3\x01\n\x0c\x43\x61\x63heService\x12G\n\x06Lookup\x12\x1d.llmesh.v1.CacheLookupRequest\x1a\x1e.llmesh.v1.CacheLookupResponse\x12\x44\n\x05Store\x12\x1c.llmesh.v1.CacheStoreRequest\x1a\x1d.llmesh.v1.CacheStoreResponse\x12\x44\n\x05\x46lush\x12\x1c.llmesh.v1.CacheFlushRequest\x1a\x1d.llmesh.v1.CacheFlushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.cache_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CACHEKEY']._serialized_start=61
-  _globals['_CACHEKEY']._serialized_end=228
-  _globals['_CACHELOOKUPREQUEST']._serialized_start=230
-  _globals['_CACHELOOKUPREQUEST']._serialized_end=322
-  _globals['_CACHELOOKUPRESPONSE']._serialized_start=325
-  _globals['_CACHELOOKUPRESPONSE']._serialized_end=522
-  _globals['_CACHESTOREREQUEST']._serialized_start=525
-  _globals['_CACHESTOREREQUEST']._serialized_end=688
-  _globals['_CACHESTORERESPONSE']._serialized_start=690
-  _globals['_CACHESTORERESPONSE']._serialized_end=726
-  _globals['_CACHEFLUSHREQUEST']._serialized_start=728
-  _globals['_CACHEFLUSHREQUEST']._serialized_end=779
-  _globals['_CACHEFLUSHRESPONSE']._serialized_start=781
-  _globals['_CACHEFLUSHRESPONSE']._serialized_end=818
-  _globals['_CACHESERVICE']._serialized_start=821
-  _globals['_CACHESERVICE']._serialized_end=1048
+  _globals['_CACHEKEY']._serialized_end=283
+  _globals['_CACHELOOKUPREQUEST']._serialized_start=285
+  _globals['_CACHELOOKUPREQUEST']._serialized_end=377
+  _globals['_CACHELOOKUPRESPONSE']._serialized_start=380
+  _globals['_CACHELOOKUPRESPONSE']._serialized_end=577
+  _globals['_CACHESTOREREQUEST']._serialized_start=580
+  _globals['_CACHESTOREREQUEST']._serialized_end=743
+  _globals['_CACHESTORERESPONSE']._serialized_start=745
+  _globals['_CACHESTORERESPONSE']._serialized_end=781
+  _globals['_CACHEFLUSHREQUEST']._serialized_start=783
+  _globals['_CACHEFLUSHREQUEST']._serialized_end=834
+  _globals['_CACHEFLUSHRESPONSE']._serialized_start=836
+  _globals['_CACHEFLUSHRESPONSE']._serialized_end=873
+  _globals['_CACHESERVICE']._serialized_start=876
+  _globals['_CACHESERVICE']._serialized_end=1103
 # @@protoc_insertion_point(module_scope)

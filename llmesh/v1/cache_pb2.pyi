@@ -9,18 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CacheKey(_message.Message):
-    __slots__ = ("key_id", "variant", "messages", "sampling", "tier")
+    __slots__ = ("key_id", "variant", "messages", "sampling", "tier", "output", "prompt")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     variant: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     tier: _common_pb2.Tier
-    def __init__(self, key_id: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
+    output: _common_pb2.OutputSpec
+    prompt: str
+    def __init__(self, key_id: _Optional[str] = ..., variant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., output: _Optional[_Union[_common_pb2.OutputSpec, _Mapping]] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class CacheLookupRequest(_message.Message):
     __slots__ = ("key", "max_wait_ms", "no_wait")

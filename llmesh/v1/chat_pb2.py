@@ -28,13 +28,15 @@ from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/chat.proto\x12\tllmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x16llmesh/v1/common.proto\"\xf8\x01\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04user\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb6\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\"\xbc\x01\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\";\n\tModelList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x1e\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x10.llmesh.v1.Model\"[\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"7\n\x11OpenAIHttpRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody2\xdf\x03\n\x0b\x43hatService\x12{\n\x14\x43reateChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x19.llmesh.v1.ChatCompletion\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/llmesh/chat/completions:\x01*\x12\x89\x01\n\x14StreamChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x1e.llmesh.v1.ChatCompletionChunk\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/llmesh/chat/completions:stream:\x01*0\x01\x12T\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x14.llmesh.v1.ModelList\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12q\n\x15OpenAIChatCompletions\x12\x1c.llmesh.v1.OpenAIHttpRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\"\x14/v1/chat/completions:\x04\x62ody0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmesh/v1/chat.proto\x12\tllmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x16llmesh/v1/common.proto\"\xb4\x05\n\x15\x43hatCompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x43\n\nlogit_bias\x18\x0c \x03(\x0b\x32/.llmesh.v1.ChatCompletionRequest.LogitBiasEntry\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0e \x01(\x05H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x05\x12%\n\x06output\x18\x11 \x01(\x0b\x32\x15.llmesh.v1.OutputSpec\x12\x0e\n\x06prompt\x18\x12 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0f\n\r_top_logprobsB\x04\n\x02_n\"\xda\x01\n\x0e\x43hatCompletion\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\x12\"\n\x07\x63hoices\x18\t \x03(\x0b\x32\x11.llmesh.v1.Choice\"\x90\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\"\x9f\x02\n\x13\x43hatCompletionChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x07 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05\x63\x61\x63he\x18\x08 \x01(\t\x12\r\n\x05index\x18\t \x01(\x05\x12\'\n\ntool_calls\x18\n \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12)\n\x08logprobs\x18\x0b \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"\x1d\n\x0fGetModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\x11\x45mbeddingsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\"h\n\x12\x45mbeddingsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x14.llmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.llmesh.v1.Usage\";\n\tModelList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x1e\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x10.llmesh.v1.Model\"[\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"7\n\x11OpenAIHttpRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody2\xf5\x06\n\x0b\x43hatService\x12{\n\x14\x43reateChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x19.llmesh.v1.ChatCompletion\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/llmesh/chat/completions:\x01*\x12\x89\x01\n\x14StreamChatCompletion\x12 .llmesh.v1.ChatCompletionRequest\x1a\x1e.llmesh.v1.ChatCompletionChunk\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/llmesh/chat/completions:stream:\x01*0\x01\x12T\n\nListModels\x12\x1c.llmesh.v1.ListModelsRequest\x1a\x14.llmesh.v1.ModelList\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12q\n\x15OpenAIChatCompletions\x12\x1c.llmesh.v1.OpenAIHttpRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\"\x14/v1/chat/completions:\x04\x62ody0\x01\x12h\n\x11OpenAICompletions\x12\x1c.llmesh.v1.OpenAIHttpRequest\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0f/v1/completions:\x04\x62ody0\x01\x12\x64\n\x10OpenAIEmbeddings\x12\x1c.llmesh.v1.OpenAIHttpRequest\x1a\x14.google.api.HttpBody\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x0e/v1/embeddings:\x04\x62ody\x12q\n\x10\x43reateEmbeddings\x12\x1c.llmesh.v1.EmbeddingsRequest\x1a\x1d.llmesh.v1.EmbeddingsResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/llmesh/embeddings:\x01*\x12Q\n\x08GetModel\x12\x1a.llmesh.v1.GetModelRequest\x1a\x10.llmesh.v1.Model\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/models/{id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CHATCOMPLETIONREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_CHATCOMPLETIONREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATSERVICE'].methods_by_name['CreateChatCompletion']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['CreateChatCompletion']._serialized_options = b'\202\323\344\223\002 \"\033/v1/llmesh/chat/completions:\001*'
   _globals['_CHATSERVICE'].methods_by_name['StreamChatCompletion']._loaded_options = None
@@ -43,20 +45,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
   _globals['_CHATSERVICE'].methods_by_name['OpenAIChatCompletions']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['OpenAIChatCompletions']._serialized_options = b'\202\323\344\223\002\034\"\024/v1/chat/completions:\004body'
+  _globals['_CHATSERVICE'].methods_by_name['OpenAICompletions']._loaded_options = None
+  _globals['_CHATSERVICE'].methods_by_name['OpenAICompletions']._serialized_options = b'\202\323\344\223\002\027\"\017/v1/completions:\004body'
+  _globals['_CHATSERVICE'].methods_by_name['OpenAIEmbeddings']._loaded_options = None
+  _globals['_CHATSERVICE'].methods_by_name['OpenAIEmbeddings']._serialized_options = b'\202\323\344\223\002\026\"\016/v1/embeddings:\004body'
+  _globals['_CHATSERVICE'].methods_by_name['CreateEmbeddings']._loaded_options = None
+  _globals['_CHATSERVICE'].methods_by_name['CreateEmbeddings']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/llmesh/embeddings:\001*'
+  _globals['_CHATSERVICE'].methods_by_name['GetModel']._loaded_options = None
+  _globals['_CHATSERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/models/{id}'
   _globals['_CHATCOMPLETIONREQUEST']._serialized_start=117
-  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=365
-  _globals['_CHATCOMPLETION']._serialized_start=368
-  _globals['_CHATCOMPLETION']._serialized_end=550
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=553
-  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=741
-  _globals['_LISTMODELSREQUEST']._serialized_start=743
-  _globals['_LISTMODELSREQUEST']._serialized_end=762
-  _globals['_MODELLIST']._serialized_start=764
-  _globals['_MODELLIST']._serialized_end=823
-  _globals['_MODEL']._serialized_start=825
-  _globals['_MODEL']._serialized_end=916
-  _globals['_OPENAIHTTPREQUEST']._serialized_start=918
-  _globals['_OPENAIHTTPREQUEST']._serialized_end=973
-  _globals['_CHATSERVICE']._serialized_start=976
-  _globals['_CHATSERVICE']._serialized_end=1455
+  _globals['_CHATCOMPLETIONREQUEST']._serialized_end=809
+  _globals['_CHATCOMPLETIONREQUEST_LOGITBIASENTRY']._serialized_start=622
+  _globals['_CHATCOMPLETIONREQUEST_LOGITBIASENTRY']._serialized_end=670
+  _globals['_CHATCOMPLETION']._serialized_start=812
+  _globals['_CHATCOMPLETION']._serialized_end=1030
+  _globals['_CHOICE']._serialized_start=1033
+  _globals['_CHOICE']._serialized_end=1177
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_start=1180
+  _globals['_CHATCOMPLETIONCHUNK']._serialized_end=1467
+  _globals['_LISTMODELSREQUEST']._serialized_start=1469
+  _globals['_LISTMODELSREQUEST']._serialized_end=1488
+  _globals['_GETMODELREQUEST']._serialized_start=1490
+  _globals['_GETMODELREQUEST']._serialized_end=1519
+  _globals['_EMBEDDINGSREQUEST']._serialized_start=1521
+  _globals['_EMBEDDINGSREQUEST']._serialized_end=1584
+  _globals['_EMBEDDINGSRESPONSE']._serialized_start=1586
+  _globals['_EMBEDDINGSRESPONSE']._serialized_end=1690
+  _globals['_MODELLIST']._serialized_start=1692
+  _globals['_MODELLIST']._serialized_end=1751
+  _globals['_MODEL']._serialized_start=1753
+  _globals['_MODEL']._serialized_end=1844
+  _globals['_OPENAIHTTPREQUEST']._serialized_start=1846
+  _globals['_OPENAIHTTPREQUEST']._serialized_end=1901
+  _globals['_CHATSERVICE']._serialized_start=1904
+  _globals['_CHATSERVICE']._serialized_end=2789
 # @@protoc_insertion_point(module_scope)

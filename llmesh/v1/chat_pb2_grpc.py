@@ -56,6 +56,26 @@ class ChatServiceStub:
                 request_serializer=llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.OpenAICompletions = channel.unary_stream(
+                '/llmesh.v1.ChatService/OpenAICompletions',
+                request_serializer=llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.OpenAIEmbeddings = channel.unary_unary(
+                '/llmesh.v1.ChatService/OpenAIEmbeddings',
+                request_serializer=llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.CreateEmbeddings = channel.unary_unary(
+                '/llmesh.v1.ChatService/CreateEmbeddings',
+                request_serializer=llmesh_dot_v1_dot_chat__pb2.EmbeddingsRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_chat__pb2.EmbeddingsResponse.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/llmesh.v1.ChatService/GetModel',
+                request_serializer=llmesh_dot_v1_dot_chat__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_chat__pb2.Model.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -91,6 +111,34 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenAICompletions(self, request, context):
+        """OpenAI-compatible POST /v1/completions (a prompt continued as it is, no chat template), plain or SSE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenAIEmbeddings(self, request, context):
+        """OpenAI-compatible POST /v1/embeddings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateEmbeddings(self, request, context):
+        """Embeddings of one or more texts (the embedding model the deployment serves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """One model of ListModels, by id (`auto`, a variant, or the embedding model); NOT_FOUND if not served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +161,26 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.OpenAIChatCompletions,
                     request_deserializer=llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'OpenAICompletions': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenAICompletions,
+                    request_deserializer=llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'OpenAIEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenAIEmbeddings,
+                    request_deserializer=llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'CreateEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEmbeddings,
+                    request_deserializer=llmesh_dot_v1_dot_chat__pb2.EmbeddingsRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_chat__pb2.EmbeddingsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=llmesh_dot_v1_dot_chat__pb2.GetModelRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_chat__pb2.Model.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +291,114 @@ class ChatService:
             '/llmesh.v1.ChatService/OpenAIChatCompletions',
             llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenAICompletions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmesh.v1.ChatService/OpenAICompletions',
+            llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenAIEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ChatService/OpenAIEmbeddings',
+            llmesh_dot_v1_dot_chat__pb2.OpenAIHttpRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ChatService/CreateEmbeddings',
+            llmesh_dot_v1_dot_chat__pb2.EmbeddingsRequest.SerializeToString,
+            llmesh_dot_v1_dot_chat__pb2.EmbeddingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ChatService/GetModel',
+            llmesh_dot_v1_dot_chat__pb2.GetModelRequest.SerializeToString,
+            llmesh_dot_v1_dot_chat__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,

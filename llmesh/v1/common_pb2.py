@@ -25,23 +25,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"P\n\tRouteInfo\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.llmesh.v1.RouteKind*O\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\r\n\tTIER_PAID\x10\x02\x12\x13\n\x0fTIER_ENTERPRISE\x10\x03*\xe6\x01\n\tRouteKind\x12\x1a\n\x16ROUTE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17ROUTE_KIND_TIER_DEFAULT\x10\x01\x12\x15\n\x11ROUTE_KIND_PINNED\x10\x02\x12\x1c\n\x18ROUTE_KIND_COMPLEXITY_UP\x10\x03\x12\x1e\n\x1aROUTE_KIND_COMPLEXITY_DOWN\x10\x04\x12\x18\n\x14ROUTE_KIND_LOAD_SHED\x10\x05\x12\x17\n\x13ROUTE_KIND_FALLBACK\x10\x06\x12\x18\n\x14ROUTE_KIND_CACHE_HIT\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"R\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xfd\x01\n\nOutputSpec\x12\x1e\n\x05tools\x18\x01 \x03(\x0b\x32\x0f.llmesh.v1.Tool\x12\x13\n\x0btool_choice\x18\x02 \x01(\t\x12\x1c\n\x14tool_choice_function\x18\x03 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0fresponse_format\x18\x05 \x01(\t\x12\x13\n\x0bjson_schema\x18\x06 \x01(\t\x12\x18\n\x10json_schema_name\x18\x07 \x01(\t\x12\x1a\n\x12json_schema_strict\x18\x08 \x01(\x08\x42\x16\n\x14_parallel_tool_calls\"j\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.llmesh.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"\x9a\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12<\n\nlogit_bias\x18\t \x03(\x0b\x32(.llmesh.v1.SamplingParams.LogitBiasEntry\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\t\n\x01n\x18\x0c \x01(\x05\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"P\n\tRouteInfo\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.llmesh.v1.RouteKind\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02*O\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\r\n\tTIER_PAID\x10\x02\x12\x13\n\x0fTIER_ENTERPRISE\x10\x03*\xe6\x01\n\tRouteKind\x12\x1a\n\x16ROUTE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17ROUTE_KIND_TIER_DEFAULT\x10\x01\x12\x15\n\x11ROUTE_KIND_PINNED\x10\x02\x12\x1c\n\x18ROUTE_KIND_COMPLEXITY_UP\x10\x03\x12\x1e\n\x1aROUTE_KIND_COMPLEXITY_DOWN\x10\x04\x12\x18\n\x14ROUTE_KIND_LOAD_SHED\x10\x05\x12\x17\n\x13ROUTE_KIND_FALLBACK\x10\x06\x12\x18\n\x14ROUTE_KIND_CACHE_HIT\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=362
-  _globals['_TIER']._serialized_end=441
-  _globals['_ROUTEKIND']._serialized_start=444
-  _globals['_ROUTEKIND']._serialized_end=674
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_TIER']._serialized_start=1346
+  _globals['_TIER']._serialized_end=1425
+  _globals['_ROUTEKIND']._serialized_start=1428
+  _globals['_ROUTEKIND']._serialized_end=1658
   _globals['_CHATMESSAGE']._serialized_start=37
-  _globals['_CHATMESSAGE']._serialized_end=81
-  _globals['_SAMPLINGPARAMS']._serialized_start=83
-  _globals['_SAMPLINGPARAMS']._serialized_end=197
-  _globals['_USAGE']._serialized_start=199
-  _globals['_USAGE']._serialized_end=278
-  _globals['_ROUTEINFO']._serialized_start=280
-  _globals['_ROUTEINFO']._serialized_end=360
+  _globals['_CHATMESSAGE']._serialized_end=158
+  _globals['_TOOLCALL']._serialized_start=160
+  _globals['_TOOLCALL']._serialized_end=215
+  _globals['_TOOL']._serialized_start=217
+  _globals['_TOOL']._serialized_end=299
+  _globals['_OUTPUTSPEC']._serialized_start=302
+  _globals['_OUTPUTSPEC']._serialized_end=555
+  _globals['_TOKENLOGPROB']._serialized_start=557
+  _globals['_TOKENLOGPROB']._serialized_end=663
+  _globals['_TOPLOGPROB']._serialized_start=665
+  _globals['_TOPLOGPROB']._serialized_end=724
+  _globals['_SAMPLINGPARAMS']._serialized_start=727
+  _globals['_SAMPLINGPARAMS']._serialized_end=1137
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1057
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1105
+  _globals['_USAGE']._serialized_start=1139
+  _globals['_USAGE']._serialized_end=1218
+  _globals['_ROUTEINFO']._serialized_start=1220
+  _globals['_ROUTEINFO']._serialized_end=1300
+  _globals['_EMBEDDING']._serialized_start=1302
+  _globals['_EMBEDDING']._serialized_end=1344
 # @@protoc_insertion_point(module_scope)

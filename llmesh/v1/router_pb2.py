@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/router.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"H\n\x0ePreparedPrompt\x12#\n\x05route\x18\x01 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\"\xea\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x07 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\r\n\x05model\x18\x03 \x01(\t\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12+\n\x08prepared\x18\x08 \x01(\x0b\x32\x19.llmesh.v1.PreparedPromptJ\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\x05route\"\x9b\x01\n\x0ePrepareRequest\x12\x1d\n\x04tier\x18\x05 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParamsJ\x04\x08\x01\x10\x02\"x\n\x0fPrepareResponse\x12+\n\x08prepared\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.PreparedPrompt\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\x05routeR\rprompt_tokens\"{\n\rGenerateChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x04 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\"\x15\n\x13ListVariantsRequest\"j\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x1e\n\x05tiers\x18\x05 \x03(\x0e\x32\x0f.llmesh.v1.TierJ\x04\x08\x04\x10\x05\"<\n\x14ListVariantsResponse\x12$\n\x08variants\x18\x01 \x03(\x0b\x32\x12.llmesh.v1.Variant2\xe6\x01\n\rRouterService\x12@\n\x07Prepare\x12\x19.llmesh.v1.PrepareRequest\x1a\x1a.llmesh.v1.PrepareResponse\x12\x42\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12O\n\x0cListVariants\x12\x1e.llmesh.v1.ListVariantsRequest\x1a\x1f.llmesh.v1.ListVariantsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/router.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"H\n\x0ePreparedPrompt\x12#\n\x05route\x18\x01 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\"\xa1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x04tier\x18\x07 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\r\n\x05model\x18\x03 \x01(\t\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12+\n\x08prepared\x18\x08 \x01(\x0b\x32\x19.llmesh.v1.PreparedPrompt\x12%\n\x06output\x18\t \x01(\x0b\x32\x15.llmesh.v1.OutputSpec\x12\x0e\n\x06prompt\x18\n \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\x05route\"\xd2\x01\n\x0ePrepareRequest\x12\x1d\n\x04tier\x18\x05 \x01(\x0e\x32\x0f.llmesh.v1.Tier\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12%\n\x06output\x18\x06 \x01(\x0b\x32\x15.llmesh.v1.OutputSpec\x12\x0e\n\x06prompt\x18\x07 \x01(\tJ\x04\x08\x01\x10\x02\"x\n\x0fPrepareResponse\x12+\n\x08prepared\x18\x04 \x01(\x0b\x32\x19.llmesh.v1.PreparedPrompt\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\x05routeR\rprompt_tokens\"\xde\x01\n\rGenerateChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12#\n\x05route\x18\x04 \x01(\x0b\x32\x14.llmesh.v1.RouteInfo\x12\r\n\x05index\x18\x05 \x01(\x05\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.llmesh.v1.TokenLogprob\x12\'\n\ntool_calls\x18\x07 \x03(\x0b\x32\x13.llmesh.v1.ToolCall\"\x15\n\x13ListVariantsRequest\"j\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x1e\n\x05tiers\x18\x05 \x03(\x0e\x32\x0f.llmesh.v1.TierJ\x04\x08\x04\x10\x05\"<\n\x14ListVariantsResponse\x12$\n\x08variants\x18\x01 \x03(\x0b\x32\x12.llmesh.v1.Variant\"-\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"_\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\nembeddings\x18\x02 \x03(\x0b\x32\x14.llmesh.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x32\xa2\x02\n\rRouterService\x12@\n\x07Prepare\x12\x19.llmesh.v1.PrepareRequest\x1a\x1a.llmesh.v1.PrepareResponse\x12\x42\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12O\n\x0cListVariants\x12\x1e.llmesh.v1.ListVariantsRequest\x1a\x1f.llmesh.v1.ListVariantsResponse\x12:\n\x05\x45mbed\x12\x17.llmesh.v1.EmbedRequest\x1a\x18.llmesh.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPAREDPROMPT']._serialized_start=61
   _globals['_PREPAREDPROMPT']._serialized_end=133
   _globals['_GENERATEREQUEST']._serialized_start=136
-  _globals['_GENERATEREQUEST']._serialized_end=370
-  _globals['_PREPAREREQUEST']._serialized_start=373
-  _globals['_PREPAREREQUEST']._serialized_end=528
-  _globals['_PREPARERESPONSE']._serialized_start=530
-  _globals['_PREPARERESPONSE']._serialized_end=650
-  _globals['_GENERATECHUNK']._serialized_start=652
-  _globals['_GENERATECHUNK']._serialized_end=775
-  _globals['_LISTVARIANTSREQUEST']._serialized_start=777
-  _globals['_LISTVARIANTSREQUEST']._serialized_end=798
-  _globals['_VARIANT']._serialized_start=800
-  _globals['_VARIANT']._serialized_end=906
-  _globals['_LISTVARIANTSRESPONSE']._serialized_start=908
-  _globals['_LISTVARIANTSRESPONSE']._serialized_end=968
-  _globals['_ROUTERSERVICE']._serialized_start=971
-  _globals['_ROUTERSERVICE']._serialized_end=1201
+  _globals['_GENERATEREQUEST']._serialized_end=425
+  _globals['_PREPAREREQUEST']._serialized_start=428
+  _globals['_PREPAREREQUEST']._serialized_end=638
+  _globals['_PREPARERESPONSE']._serialized_start=640
+  _globals['_PREPARERESPONSE']._serialized_end=760
+  _globals['_GENERATECHUNK']._serialized_start=763
+  _globals['_GENERATECHUNK']._serialized_end=985
+  _globals['_LISTVARIANTSREQUEST']._serialized_start=987
+  _globals['_LISTVARIANTSREQUEST']._serialized_end=1008
+  _globals['_VARIANT']._serialized_start=1010
+  _globals['_VARIANT']._serialized_end=1116
+  _globals['_LISTVARIANTSRESPONSE']._serialized_start=1118
+  _globals['_LISTVARIANTSRESPONSE']._serialized_end=1178
+  _globals['_EMBEDREQUEST']._serialized_start=1180
+  _globals['_EMBEDREQUEST']._serialized_end=1225
+  _globals['_EMBEDRESPONSE']._serialized_start=1227
+  _globals['_EMBEDRESPONSE']._serialized_end=1322
+  _globals['_ROUTERSERVICE']._serialized_start=1325
+  _globals['_ROUTERSERVICE']._serialized_end=1615
 # @@protoc_insertion_point(module_scope)

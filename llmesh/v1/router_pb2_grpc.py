@@ -50,6 +50,11 @@ class RouterServiceStub:
                 request_serializer=llmesh_dot_v1_dot_router__pb2.ListVariantsRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_router__pb2.ListVariantsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmesh.v1.RouterService/Embed',
+                request_serializer=llmesh_dot_v1_dot_router__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_router__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -76,6 +81,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeddings from the embedding model (its own Triton model, dynamically batched).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListVariants,
                     request_deserializer=llmesh_dot_v1_dot_router__pb2.ListVariantsRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_router__pb2.ListVariantsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmesh_dot_v1_dot_router__pb2.EmbedRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_router__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class RouterService:
             '/llmesh.v1.RouterService/ListVariants',
             llmesh_dot_v1_dot_router__pb2.ListVariantsRequest.SerializeToString,
             llmesh_dot_v1_dot_router__pb2.ListVariantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.RouterService/Embed',
+            llmesh_dot_v1_dot_router__pb2.EmbedRequest.SerializeToString,
+            llmesh_dot_v1_dot_router__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
