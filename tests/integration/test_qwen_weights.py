@@ -42,17 +42,37 @@ def served(request: pytest.FixtureRequest, qwen_repository: Path) -> Iterator[tu
     engine.close()
 
 
+# Logit gap under which two greedy choices are a tie that rounding decides: the engine's kernels differ by CPU (AVX2
+# vs AVX-512) and from llama.cpp's, so a near-tie may fall either way. Measured: the one such case seen, on an AVX2
+# CPU, was 0.02 (EOS vs " This" in the 0.5B's "explanation"); a wrong weight or op moves logits by whole units.
+NEAR_TIE = 0.1
+
+
 def test_greedy_continuations_are_llama_cpps(served: tuple[str, Engine, Path]) -> None:
     size, engine, version_dir = served
     tokenizer = ChatTokenizer.from_model_dir(version_dir)
     stops = set(engine.metadata.eos_token_ids)
+    ties = []
     for name, case in GOLDEN[size]["prompts"].items():
         # llmesh renders the same prompt ids from the same messages (the chat template of the GGUF)...
         assert tokenizer.encode_chat(case["messages"]) == case["prompt_ids"], name
-        # ...and continues them with llama.cpp's tokens (llama.cpp's list ends with the stop token it emitted).
-        expected = [t for t in case["greedy"]["ids"] if t not in stops]
+        # ...and continues them with llama.cpp's tokens (llama.cpp's list ends with the stop token it emitted), up to
+        # a near-tie at most, where the rest is not compared.
+        theirs = case["greedy"]["ids"]
         [result] = engine.generate([GenerationRequest(case["prompt_ids"], EngineSampling(max_tokens=32))])
-        assert result.token_ids == expected, (name, tokenizer.decode(result.token_ids), tokenizer.decode(expected))
+        ours = list(result.token_ids)
+        if result.finish_reason == "stop":
+            ours.append(next((t for t in theirs if t in stops), min(stops)))
+        diverged = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+        if diverged is None:
+            assert ours == [t for t in theirs if t not in stops] or ours == theirs or len(ours) == 32, name
+            continue
+        logits = engine.score([*case["prompt_ids"], *theirs[:diverged]])
+        gap = float(logits[ours[diverged]] - logits[theirs[diverged]])
+        context = (name, diverged, gap, tokenizer.decode(ours), tokenizer.decode(theirs))
+        assert gap < NEAR_TIE, context
+        ties.append(context)
+    assert len(ties) <= 1, ties
 
 
 def test_perplexity_is_llama_cpps(served: tuple[str, Engine, Path]) -> None:

@@ -79,7 +79,7 @@ class Engine:
                 log.warning(
                     "draft model %s not found next to %s: speculative decoding is off", config.draft, version_dir
                 )
-        return cls(ModelRunner(session, metadata, pool), config, draft)
+        return cls(ModelRunner(session, metadata, pool, pad_single_row=bool(config.draft)), config, draft)
 
     # ---- requests (any thread) --------------------------------------------------------------------------
 

@@ -41,10 +41,14 @@ class Runner(Protocol):
 class ModelRunner:
     """Runs the decoder graph (contract in graph.py) over a contiguous range of KV slots with onnxruntime."""
 
-    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata, pool: KVPool) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, metadata: ModelMetadata, pool: KVPool, pad_single_row: bool = False
+    ) -> None:
         self.session = session
         self.metadata = metadata
         self.pool = pool
+        # Set for targets of speculative decoding: a lone one-token step runs as two rows (see forward).
+        self.pad_single_row = pad_single_row
         names = {i.name for i in session.get_inputs()}
         expected = 4 + 2 * metadata.num_layers
         if len(names) != expected or "logits_index" not in names:
@@ -86,6 +90,14 @@ class ModelRunner:
 
     def forward(self, slot0: int, ids: Int64Array, seqlens_k: Int32Array, logits_index: Int64Array) -> Float32Array:
         """ids [B, S] for slots slot0..slot0+B-1; seqlens_k = tokens per row after this call - 1."""
+        if self.pad_single_row and ids.shape == (1, 1) and 1 <= int(seqlens_k[0]) < self.pool.capacity - 1:
+            # A lone decode step runs as the token plus a throwaway copy (S = 2): onnxruntime's CPU kernels for a
+            # single row (GEMM with M = 1, MatMulNBits' GEMV on AVX2) round differently from those for more rows,
+            # so without this a plain step would not compute exactly what speculative verification (S = k + 1)
+            # computes, and greedy speculative decoding would not be exactly greedy. The copy's K/V land one
+            # position past the row's end, scratch the next token overwrites; logits_index still picks the row.
+            ids = np.repeat(ids, 2, axis=1)
+            seqlens_k = seqlens_k + 1
         binding = self._binding(slot0, ids.shape[0])
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
