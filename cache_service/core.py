@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cache_service.config import CacheSettings
@@ -47,7 +47,7 @@ from cache_service.metrics import CacheMetrics
 from cache_service.semantic import SemanticIndex
 from cache_service.store import BackendError, CacheBackend, RedisBackend
 from llmesh.breaker import BreakerState, CircuitBreaker
-from llmesh.types import ChatMessage, SamplingParams, Usage
+from llmesh.types import ChatMessage, OutputSpec, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class CacheRequest:
     variant: str
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams
+    output: OutputSpec = field(default_factory=OutputSpec)
+    prompt: str = ""  # a raw completion prompt (messages are then empty)
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,9 @@ class AnswerCache:
         self, request: CacheRequest, max_wait_s: float | None, wait_for_leader: bool
     ) -> LookupResult:
         scope = self._scope(request)
-        digest = exact_digest(scope, request.variant, request.messages, request.sampling)
+        digest = exact_digest(
+            scope, request.variant, request.messages, request.sampling, request.output, request.prompt
+        )
         keys = RedisKeys.for_digest(scope, digest)
         labels = (request.tier, request.variant)
 
@@ -343,7 +347,9 @@ class AnswerCache:
     async def _semantic_lookup(self, scope: str, request: CacheRequest, digest: str) -> LookupResult | None:
         if self._embedder is None:
             return None
-        query = semantic_query(scope, request.variant, request.messages, request.sampling)
+        query = semantic_query(
+            scope, request.variant, request.messages, request.sampling, request.output, request.prompt
+        )
         if query is None or len(query.text) > self._settings.semantic_max_chars:
             return None
         try:
@@ -405,7 +411,9 @@ class AnswerCache:
         if not self._breaker.allow():
             return "skipped"
         scope = self._scope(request)
-        digest = exact_digest(scope, request.variant, request.messages, request.sampling)
+        digest = exact_digest(
+            scope, request.variant, request.messages, request.sampling, request.output, request.prompt
+        )
         keys = RedisKeys.for_digest(scope, digest)
         result = "released"
         try:
@@ -434,7 +442,9 @@ class AnswerCache:
     async def _semantic_add(self, scope: str, request: CacheRequest, digest: str) -> None:
         if self._embedder is None:
             return
-        query = semantic_query(scope, request.variant, request.messages, request.sampling)
+        query = semantic_query(
+            scope, request.variant, request.messages, request.sampling, request.output, request.prompt
+        )
         if query is None or len(query.text) > self._settings.semantic_max_chars:
             return
         try:

@@ -1,8 +1,9 @@
 """What makes two requests "the same": scope, cacheability and the normalized key. No I/O here.
 
 The key covers everything that changes the answer: the variant the router chose (not the model the caller named),
-every message with its role, and the sampling parameters that change output. Fields that cannot change the output
-are normalized away so that equivalent requests share an entry:
+every message with its role and tool calls, a raw completion prompt, the output spec (tools, tool choice, response
+format) and every sampling parameter that changes output (penalties, logit bias, stop ids, logprobs and n too).
+Fields that cannot change the output are normalized away so that equivalent requests share an entry:
 - greedy decoding (temperature 0) ignores top_p and seed;
 - the order and repetition of stop strings do not matter;
 - `user` and the requested model alias are not part of the key.
@@ -15,12 +16,14 @@ import hashlib
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from llmesh.types import ChatMessage, SamplingParams, Tier
+from llmesh.types import ChatMessage, OutputSpec, SamplingParams, Tier
 
-KEY_VERSION = 1
+# 2: penalties, logit bias, stop ids, logprobs, n, tool turns, output spec and raw prompts joined the key.
+KEY_VERSION = 2
 PUBLIC_SCOPE = "public"
+PLAIN_OUTPUT = OutputSpec()
 PREFIX = "llmesh:cache:"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -77,7 +80,24 @@ def normalized_sampling(sampling: SamplingParams) -> dict[str, object]:
         "top_p": None if greedy else _number(sampling.top_p),
         "seed": None if greedy else sampling.seed,
         "stop": sorted(set(sampling.stop)),
+        "presence_penalty": _number(sampling.presence_penalty),
+        "frequency_penalty": _number(sampling.frequency_penalty),
+        "repetition_penalty": _number(sampling.repetition_penalty),
+        "logit_bias": [[int(token), _number(bias)] for token, bias in sorted(sampling.logit_bias)],
+        "stop_token_ids": sorted(set(sampling.stop_token_ids)),
+        "logprobs": [bool(sampling.logprobs), int(sampling.top_logprobs)],
+        "n": int(sampling.n),
     }
+
+
+def _message(m: ChatMessage) -> list[object]:
+    if not (m.tool_calls or m.tool_call_id or m.name):
+        return [m.role, m.content]
+    return [m.role, m.content, [[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id, m.name]
+
+
+def _output(output: OutputSpec) -> dict[str, object] | None:
+    return None if output == PLAIN_OUTPUT else asdict(output)
 
 
 def _digest(payload: object) -> str:
@@ -85,13 +105,22 @@ def _digest(payload: object) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def exact_digest(scope: str, variant: str, messages: Collection[ChatMessage], sampling: SamplingParams) -> str:
+def exact_digest(
+    scope: str,
+    variant: str,
+    messages: Collection[ChatMessage],
+    sampling: SamplingParams,
+    output: OutputSpec = PLAIN_OUTPUT,
+    prompt: str = "",
+) -> str:
     return _digest(
         {
             "v": KEY_VERSION,
             "scope": scope,
             "variant": variant,
-            "messages": [[m.role, m.content] for m in messages],
+            "messages": [_message(m) for m in messages],
+            "prompt": prompt,
+            "output": _output(output),
             "sampling": normalized_sampling(sampling),
         }
     )
@@ -106,15 +135,21 @@ class SemanticQuery:
 
 
 def semantic_query(
-    scope: str, variant: str, messages: Collection[ChatMessage], sampling: SamplingParams
+    scope: str,
+    variant: str,
+    messages: Collection[ChatMessage],
+    sampling: SamplingParams,
+    output: OutputSpec = PLAIN_OUTPUT,
+    prompt: str = "",
 ) -> SemanticQuery | None:
-    """Single-turn requests only: one user message, optionally after one system message.
+    """Single-turn chat requests for free text only: one user message, optionally after one system message; no
+    raw prompt, tools or JSON format (a similar question with another schema wants another answer).
 
     Everything but the user's text must match exactly (scope, variant, system prompt, sampling), so the bucket
     hashes those; similarity then only compares user questions.
     """
     roles = [m.role for m in messages]
-    if roles not in (["user"], ["system", "user"]):
+    if roles not in (["user"], ["system", "user"]) or prompt or not output.is_plain:
         return None
     user = list(messages)[-1].content
     if not user.strip():

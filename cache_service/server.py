@@ -22,7 +22,7 @@ from cache_service.metrics import CacheMetrics
 from cache_service.minilm_onnx import OnnxMiniLMEncoder
 from cache_service.store import RedisBackend
 from llmesh import grpc_util
-from llmesh.convert import messages_from_pb, sampling_from_pb, tier_from_pb, usage_from_pb, usage_to_pb
+from llmesh.convert import messages_from_pb, output_from_pb, sampling_from_pb, tier_from_pb, usage_from_pb, usage_to_pb
 from llmesh.errors import InvalidRequest
 from llmesh.metrics import serve_metrics
 from llmesh.redis_auth import redis_auth
@@ -39,8 +39,8 @@ def request_from_pb(key: cache_pb2.CacheKey) -> CacheRequest:
         raise InvalidRequest("key.key_id is required: entries are scoped per API key")
     if not key.variant:
         raise InvalidRequest("key.variant is required")
-    if not key.messages:
-        raise InvalidRequest("key.messages must hold at least one message")
+    if not key.messages and not key.prompt:
+        raise InvalidRequest("key.messages must hold at least one message (or key.prompt a raw prompt)")
     if not key.HasField("sampling"):
         raise InvalidRequest("key.sampling is required")
     return CacheRequest(
@@ -49,6 +49,8 @@ def request_from_pb(key: cache_pb2.CacheKey) -> CacheRequest:
         variant=key.variant,
         messages=tuple(messages_from_pb(key.messages)),
         sampling=sampling_from_pb(key.sampling),
+        output=output_from_pb(key.output, "key.output"),
+        prompt=key.prompt,
     )
 
 

@@ -21,7 +21,7 @@ import grpc
 from gateway.pipeline import NO_STORE, CachedAnswer, CacheLookup
 from llmesh.breaker import BreakerState, CircuitBreaker
 from llmesh.budgets import CHANNEL_OPTIONS, DependencyHung, Watchdog, health_probe
-from llmesh.convert import messages_to_pb, sampling_to_pb, tier_to_pb, usage_from_pb, usage_to_pb
+from llmesh.convert import messages_to_pb, output_to_pb, sampling_to_pb, tier_to_pb, usage_from_pb, usage_to_pb
 from llmesh.tls import TlsFiles, aio_channel
 from llmesh.types import ChatRequest, Principal, RouteInfo
 from llmesh.v1 import cache_pb2, cache_pb2_grpc
@@ -69,12 +69,16 @@ class GrpcCacheClient:
 
     @staticmethod
     def _key(principal: Principal, route: RouteInfo, request: ChatRequest) -> cache_pb2.CacheKey:
+        """Everything that changes the answer: the variant, the messages (or raw prompt), every sampling field
+        (penalties, logit_bias, stop token ids included) and the output spec (tools, tool choice, response format)."""
         return cache_pb2.CacheKey(
             key_id=principal.key_id,
             tier=tier_to_pb(principal.tier),
             variant=route.variant,
             messages=messages_to_pb(request.messages),
             sampling=sampling_to_pb(request.sampling),
+            output=output_to_pb(request.output),
+            prompt=request.prompt,
         )
 
     async def lookup(

@@ -27,6 +27,12 @@ class GatewaySettings(RedisAuthSettings, TlsSettings):
     # limit applies first at the edge).
     max_body_bytes: int = 4 * 1024 * 1024
     max_json_depth: int = 32
+    # Most choices one request may ask for (OpenAI's `n`): each is generated in full and reserved against the
+    # caller's token budget (prompt + n * max_tokens).
+    max_n: int = 4
+    # A tool's parameters schema or a response_format JSON schema (and a tool's description), in characters of
+    # JSON text.
+    max_schema_chars: int = 64 * 1024
     # The response cache service (host:port); empty = no cache.
     cache_url: str = ""
     # Deadline of a cache call (a lookup may also wait for an identical in-flight request, bounded by the cache).

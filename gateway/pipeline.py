@@ -8,6 +8,12 @@ Single flight and quotas: a lookup that finds an identical request in flight doe
 takes its quota reservation first and then waits (a second lookup), so every waiter holds a concurrency slot like a
 stream, and a refused one never waits; a waiter served the leader's answer is settled with 0 tokens.
 
+Quotas reserve prompt + n * max_tokens (every choice may run to max_tokens) and settle the router's usage: the
+prompt once plus the completion tokens of all choices.
+
+The response cache stores one choice's text chunks: requests for several choices (n > 1), log probabilities, or
+that may be answered with tool calls (tools offered, tool_choice not "none") bypass it (`cacheable`).
+
 Settlement and cache store run as one task the caller's cancellation cannot stop; `drain` waits for those still
 running (the server calls it on shutdown, before closing its clients).
 """
@@ -35,6 +41,9 @@ from llmesh.types import (
     RouteInfo,
     RouteKind,
     Tier,
+    TokenLogprob,
+    ToolCall,
+    ToolChoice,
     Usage,
     VariantInfo,
 )
@@ -70,7 +79,8 @@ class Reservation:
 
 class QuotaGate(Protocol):
     async def reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int) -> Reservation:
-        """Admit the request and hold prompt_tokens + max_tokens, atomically; raise ResourceExhausted if over."""
+        """Admit the request and hold prompt_tokens + max_tokens (the completion budget of all its choices),
+        atomically; raise ResourceExhausted if over."""
         ...
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
@@ -124,14 +134,40 @@ class CacheClient(Protocol):
         ...
 
 
+def cacheable(request: ChatRequest) -> bool:
+    """Whether the response cache may answer (and store) this request: it keeps one choice's text chunks, so not
+    with several choices, log probabilities, or tools the model may call."""
+    sampling, output = request.sampling, request.output
+    may_call_tools = bool(output.tools) and output.tool_choice is not ToolChoice.NONE
+    return sampling.n <= 1 and not sampling.logprobs and not may_call_tools
+
+
+def completion_budget(request: ChatRequest) -> int:
+    """Tokens the answer may generate: max_tokens for each choice."""
+    return request.sampling.max_tokens * max(1, request.sampling.n)
+
+
+@dataclass(frozen=True)
+class ChoiceOutput:
+    """One choice of a complete answer."""
+
+    index: int
+    text: str
+    finish_reason: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
 @dataclass(frozen=True)
 class Completion:
+    # Choice 0's text and finish_reason; `choices` holds all of them, in index order.
     text: str
     finish_reason: str
     usage: Usage
     route: RouteInfo
     # "exact" or "semantic" when served from the response cache.
     cache: str = ""
+    choices: tuple[ChoiceOutput, ...] = ()
 
 
 class ChatPipeline:
@@ -206,14 +242,14 @@ class ChatPipeline:
         with self._in_flight():
             clock, stage = self._clock, self._observer.stage
             if self._quotas is not None:
-                self._refusals.check(principal.key_id, request.sampling.max_tokens)
+                self._refusals.check(principal.key_id, completion_budget(request))
             started = clock()
             prepared = await self._router.prepare(principal.tier, request)
             route, prompt_tokens = prepared.route, len(prepared.input_ids)
             stage("prepare", clock() - started)
             lookup = NO_STORE
             reservation: Reservation | None = None
-            if self._cache is not None:
+            if self._cache is not None and cacheable(request):
                 started = clock()
                 # With quotas, never wait inside the first lookup: see the module's docstring.
                 lookup = await self._cache.lookup(principal, route, request, wait=self._quotas is None)
@@ -249,7 +285,11 @@ class ChatPipeline:
                     await self._finish(principal, route, request, None, 0, lookup, None)
                     raise
             chunks: list[str] = []
+            # Until the final usage arrives: about one token per delta or tool call (exactly one per logprob).
+            generated = 0
             answer: CachedAnswer | None = None
+            # Only one choice's plain text is an answer for the cache (cacheable() keeps the others away from it).
+            text_only = True
             used_tokens = 0
             events = self._router.generate(request_id, principal.tier, request, prepared)
             generating_since = clock()
@@ -261,13 +301,15 @@ class ChatPipeline:
                         first = False
                     if event.delta:
                         chunks.append(event.delta)
-                        # Until the final usage arrives, charge the prompt plus about one token per delta.
-                        used_tokens = prompt_tokens + len(chunks)
+                    if event.delta or event.tool_calls:
+                        generated += max(len(event.logprobs), 1)
+                        used_tokens = prompt_tokens + generated
+                    text_only = text_only and not (event.index or event.tool_calls or event.logprobs)
                     if event.usage is not None:
                         used_tokens = event.usage.total_tokens
                         # The router's final event. Only an answer that ended by itself (a stop, or max_tokens) is an
                         # answer to cache; one cut short (cancelled, failed) never is.
-                        if event.finish_reason in FINISHED:
+                        if event.finish_reason in FINISHED and text_only:
                             answer = CachedAnswer(tuple(chunks), event.finish_reason, event.usage)
                     yield event
             finally:
@@ -286,7 +328,7 @@ class ChatPipeline:
     ) -> Reservation:
         assert self._quotas is not None
         started = self._clock()
-        max_tokens = request.sampling.max_tokens
+        max_tokens = completion_budget(request)
         try:
             reservation = await self._quotas.reserve(principal, request_id, prompt_tokens, max_tokens)
         except ResourceExhausted as exc:
@@ -362,16 +404,40 @@ class ChatPipeline:
         request_id: str,
         response_headers: list[tuple[str, str]] | None = None,
     ) -> Completion:
-        parts: list[str] = []
+        """The whole answer: every choice's text, tool calls and logprobs, read until every choice has finished and
+        the usage (of all choices, on the router's last event) has come."""
+        n = max(1, request.sampling.n)
+        texts: dict[int, list[str]] = {i: [] for i in range(n)}
+        calls: dict[int, list[ToolCall]] = {i: [] for i in range(n)}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(n)}
+        finished: dict[int, str] = {}
         route: RouteInfo | None = None
+        usage: Usage | None = None
+        cache = ""
         async for event in self.stream(principal, request, request_id, response_headers):
             route = event.route or route
-            parts.append(event.delta)
+            cache = event.cache or cache
+            if event.index not in texts:
+                raise Internal(f"router answered choice {event.index} of a request for {n}")
+            texts[event.index].append(event.delta)
+            calls[event.index].extend(event.tool_calls)
+            logprobs[event.index].extend(event.logprobs)
             if event.finish_reason:
-                if route is None or event.usage is None:
-                    raise Internal("router ended the answer without route or usage")
-                return Completion("".join(parts), event.finish_reason, event.usage, route, event.cache)
-        raise Internal("router closed the stream before the answer was complete")
+                finished[event.index] = event.finish_reason
+            if event.usage is not None:
+                usage = event.usage
+            if usage is not None and len(finished) == n:
+                # The answer is whole: reply now; settlement and cache store finish behind it, as the stream's
+                # own ending (they are shielded and tracked for drain).
+                break
+        if len(finished) < n:
+            raise Internal("router closed the stream before the answer was complete")
+        if route is None or usage is None:
+            raise Internal("router ended the answer without route or usage")
+        choices = tuple(
+            ChoiceOutput(i, "".join(texts[i]), finished[i], tuple(calls[i]), tuple(logprobs[i])) for i in range(n)
+        )
+        return Completion(choices[0].text, choices[0].finish_reason, usage, route, cache, choices)
 
     async def list_models(self, principal: Principal) -> list[VariantInfo]:
         variants = await self._router.list_variants()

@@ -19,13 +19,16 @@ import grpc
 from llmesh.breaker import BreakerState, CircuitBreaker
 from llmesh.budgets import CHANNEL_OPTIONS, DependencyHung, Watchdog, health_probe
 from llmesh.convert import (
+    logprobs_from_pb,
     messages_to_pb,
+    output_to_pb,
     prepared_from_pb,
     prepared_to_pb,
     route_from_pb,
     sampling_to_pb,
     tier_to_pb,
     tiers_from_pb,
+    tool_calls_from_pb,
     usage_from_pb,
 )
 from llmesh.errors import Internal, InvalidRequest, Unavailable
@@ -92,6 +95,8 @@ class GrpcRouterClient:
             model=request.model,
             messages=messages_to_pb(request.messages),
             sampling=sampling_to_pb(request.sampling),
+            output=output_to_pb(request.output),
+            prompt=request.prompt,
         )
         self._admit()
         reply = await self._call(self._stub.Prepare(message, timeout=10.0))
@@ -111,6 +116,8 @@ class GrpcRouterClient:
             # Sent also with a prepared prompt: a fallback to a variant that tokenizes differently needs them.
             messages=messages_to_pb(request.messages),
             sampling=sampling_to_pb(request.sampling),
+            output=output_to_pb(request.output),
+            prompt=request.prompt,
         )
         if prepared is not None:
             message.prepared.CopyFrom(prepared_to_pb(prepared))
@@ -123,6 +130,9 @@ class GrpcRouterClient:
                     finish_reason=chunk.finish_reason,
                     usage=usage_from_pb(chunk.usage) if chunk.HasField("usage") else None,
                     route=route_from_pb(chunk.route) if chunk.HasField("route") else None,
+                    index=chunk.index,
+                    logprobs=logprobs_from_pb(chunk.logprobs),
+                    tool_calls=tool_calls_from_pb(chunk.tool_calls),
                 )
         finally:
             # Also runs when our caller goes away mid-stream: the router then cancels the generation.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import logging
 import os
 import time
@@ -16,7 +18,8 @@ from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import CollectorRegistry
 
-from gateway import openai_compat
+from gateway import embeddings as embeddings_api
+from gateway import openai_compat, openai_completions
 from gateway.admission import RefusalMemory
 from gateway.auth import CachedKeyStore, KeyCacheSettings, RedisApiKeyStore
 from gateway.caching import GrpcCacheClient
@@ -29,12 +32,13 @@ from gateway.router_client import GrpcRouterClient
 from gateway.validation import ChatRequestFields, RequestLimits, check_request_id
 from llmesh import grpc_util
 from llmesh.budgets import CHANNEL_OPTIONS, health_probe
-from llmesh.convert import route_to_pb
-from llmesh.errors import Internal, InvalidRequest, MeshError
+from llmesh.convert import logprobs_to_pb, messages_from_pb, output_from_pb, route_to_pb, tool_calls_to_pb
+from llmesh.errors import Internal, InvalidRequest, MeshError, NotFound, Unavailable, quote
 from llmesh.metrics import serve_metrics
+from llmesh.minilm import EMBEDDING_MODEL
 from llmesh.redis_auth import redis_auth
 from llmesh.tls import TlsFiles, add_port, aio_channel
-from llmesh.types import GenerateEvent, Principal
+from llmesh.types import GenerateEvent, OutputSpec, Principal
 from llmesh.v1 import chat_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -150,16 +154,42 @@ def caller_stream_errors(method: _Handler) -> _Handler:
     return wrapper
 
 
+def _output(request: chat_pb2.ChatCompletionRequest) -> OutputSpec:
+    if not request.HasField("output"):
+        return OutputSpec()
+    try:
+        return output_from_pb(request.output)
+    except InvalidRequest as exc:
+        # An unknown tool_choice or response_format: named as the OpenAI request names it, like validate() does.
+        param = "tool_choice" if str(exc).startswith("output.tool_choice") else "response_format"
+        raise InvalidRequest(str(exc), param=param) from None
+
+
 def _fields(request: chat_pb2.ChatCompletionRequest) -> ChatRequestFields:
+    """The typed request as received; validate() checks it exactly as it checks the OpenAI JSON body."""
+
+    def optional(name: str) -> Any:
+        return getattr(request, name) if request.HasField(name) else None
+
     return ChatRequestFields(
         model=request.model,
-        messages=[(m.role, m.content) for m in request.messages],
-        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
-        temperature=request.temperature if request.HasField("temperature") else None,
-        top_p=request.top_p if request.HasField("top_p") else None,
-        seed=request.seed if request.HasField("seed") else None,
+        messages=messages_from_pb(request.messages),
+        max_tokens=optional("max_tokens"),
+        temperature=optional("temperature"),
+        top_p=optional("top_p"),
+        seed=optional("seed"),
         stop=list(request.stop),
         user=request.user,
+        presence_penalty=optional("presence_penalty"),
+        frequency_penalty=optional("frequency_penalty"),
+        repetition_penalty=optional("repetition_penalty"),
+        logit_bias=dict(request.logit_bias),
+        logprobs=request.logprobs,
+        top_logprobs=optional("top_logprobs"),
+        n=optional("n"),
+        stop_token_ids=list(request.stop_token_ids),
+        output=_output(request),
+        prompt=request.prompt,
     )
 
 
@@ -173,9 +203,16 @@ def _usage_pb(event: GenerateEvent) -> common_pb2.Usage | None:
 
 
 class ChatServicer:
-    def __init__(self, pipeline: ChatPipeline, limits: RequestLimits | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: ChatPipeline,
+        limits: RequestLimits | None = None,
+        embeddings: embeddings_api.Embeddings | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self.limits = limits or RequestLimits()
+        # None: this gateway serves no embeddings (POST /v1/embeddings answers UNAVAILABLE).
+        self._embeddings = embeddings
 
     async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
         return await self._pipeline.authenticate(_metadata(context, "authorization"))
@@ -204,6 +241,16 @@ class ChatServicer:
             ),
             route=route_to_pb(done.route),
             cache=done.cache,
+            choices=[
+                chat_pb2.Choice(
+                    index=c.index,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    tool_calls=tool_calls_to_pb(c.tool_calls),
+                    logprobs=logprobs_to_pb(c.logprobs),
+                )
+                for c in done.choices
+            ],
         )
 
     @grpc_util.stream_errors
@@ -220,7 +267,14 @@ class ChatServicer:
         headers: list[tuple[str, str]] = []
         async for event in self._pipeline.stream(principal, chat, request_id, headers):
             chunk = chat_pb2.ChatCompletionChunk(
-                id=request_id, created=created, delta=event.delta, finish_reason=event.finish_reason, cache=event.cache
+                id=request_id,
+                created=created,
+                delta=event.delta,
+                finish_reason=event.finish_reason,
+                cache=event.cache,
+                index=event.index,
+                tool_calls=tool_calls_to_pb(event.tool_calls),
+                logprobs=logprobs_to_pb(event.logprobs),
             )
             if event.route is not None:
                 model = event.route.variant
@@ -240,6 +294,10 @@ class ChatServicer:
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ModelList:
         principal = await self._principal(context)
+        return chat_pb2.ModelList(object="list", data=await self._models(principal))
+
+    async def _models(self, principal: Principal) -> list[chat_pb2.Model]:
+        """What ListModels lists: auto, the variants the caller's tier may use, the embedding model."""
         variants = await self._pipeline.list_models(principal)
         models = [
             chat_pb2.Model(
@@ -258,7 +316,131 @@ class ChatServicer:
             )
             for v in variants
         ]
-        return chat_pb2.ModelList(object="list", data=models)
+        if self._embeddings is not None:
+            models.append(
+                chat_pb2.Model(
+                    id=EMBEDDING_MODEL,
+                    object="model",
+                    owned_by="llmesh",
+                    description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions) for POST /v1/embeddings",
+                )
+            )
+        return models
+
+    @grpc_util.unary_errors
+    @caller_errors
+    async def GetModel(self, request: chat_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> chat_pb2.Model:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        for model in await self._models(principal):
+            if model.id == request.id:
+                return model
+        raise NotFound(
+            f"the model {quote(request.id)} does not exist or is not served to this key; GET /v1/models lists them",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def _embed(
+        self, principal: Principal, request: embeddings_api.EmbeddingsRequest, context: grpc.aio.ServicerContext
+    ) -> embeddings_api.EmbeddingsResult:
+        if self._embeddings is None:
+            raise Unavailable("this gateway serves no embeddings")
+        headers: list[tuple[str, str]] = []
+        result = await self._embeddings.create(principal, request, _request_id(context, self.limits), headers)
+        await _send_headers(context, headers)
+        return result
+
+    @grpc_util.unary_errors
+    @caller_errors
+    async def OpenAIEmbeddings(
+        self, request: chat_pb2.OpenAIHttpRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        parsed = embeddings_api.parse_request(request.body.data, self.limits)
+        result = await self._embed(principal, parsed, context)
+        return httpbody_pb2.HttpBody(
+            content_type="application/json",
+            data=json.dumps(embeddings_api.embeddings_json(result, parsed.encoding_format)).encode(),
+        )
+
+    @grpc_util.unary_errors
+    @caller_errors
+    async def CreateEmbeddings(
+        self, request: chat_pb2.EmbeddingsRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.EmbeddingsResponse:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        parsed = embeddings_api.check_request(list(request.input), request.model, request.user, self.limits)
+        result = await self._embed(principal, parsed, context)
+        return chat_pb2.EmbeddingsResponse(
+            model=result.model,
+            data=[common_pb2.Embedding(index=i, values=row.tolist()) for i, row in enumerate(result.vectors)],
+            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+        )
+
+    @grpc_util.stream_errors
+    @caller_stream_errors
+    async def OpenAICompletions(
+        self, request: chat_pb2.OpenAIHttpRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        principal = await self._principal(context)
+        _require_decoded(request)
+        parsed = openai_completions.parse_request(request.body.data, self.limits)
+        chats = [self._pipeline.validate(fields, principal) for fields in parsed.prompts]
+        request_id = _request_id(context, self.limits)
+        # One pipeline request per prompt, each with its own id (the limiter keys reservations on it).
+        request_ids = [request_id if i == 0 else f"{request_id}-{i}" for i in range(len(chats))]
+        completion_id = openai_completions.completion_id(request_id)
+        created = int(time.time())
+        with_logprobs = chats[0].sampling.logprobs
+        if not parsed.stream:
+            headers: list[tuple[str, str]] = []
+            done = await asyncio.gather(
+                *(self._pipeline.complete(principal, chat, rid, headers if i == 0 else None)
+                  for i, (chat, rid) in enumerate(zip(chats, request_ids, strict=True)))
+            )  # fmt: skip
+            await _send_headers(context, headers)
+            choices, usage = openai_completions.merge_choices(done, parsed.n)
+            yield httpbody_pb2.HttpBody(
+                content_type="application/json",
+                data=openai_completions.completion_json(
+                    completion_id,
+                    created,
+                    done[0].route.variant,
+                    choices,
+                    usage,
+                    with_logprobs,
+                    done[0].route,
+                    done[0].cache,
+                ),
+            )
+            return
+        stream = openai_completions.CompletionStream(
+            completion_id, created, parsed.n, parsed.include_usage, with_logprobs
+        )
+        stream_headers: list[tuple[str, str]] = []
+        events = self._pipeline.stream(principal, chats[0], request_ids[0], stream_headers)
+        # Errors before the first event (validation in the router, auth, limits) become an HTTP status.
+        first = await anext(aiter(events))
+        await _send_headers(context, stream_headers)
+        pending = stream.feed(first)
+        # The first body names the content type (its data may be empty: the first event may carry only the route).
+        yield httpbody_pb2.HttpBody(content_type="text/event-stream", data=b"".join(pending))
+        try:
+            for index, chat in enumerate(chats):
+                stream.start_prompt(index)
+                if index:
+                    events = self._pipeline.stream(principal, chat, request_ids[index])
+                async for event in events:
+                    for data in stream.feed(event):
+                        yield httpbody_pb2.HttpBody(data=data)
+            for data in stream.finish():
+                yield httpbody_pb2.HttpBody(data=data)
+        except MeshError as exc:
+            yield httpbody_pb2.HttpBody(data=openai_compat.sse_error(exc, request_id))
+        yield httpbody_pb2.HttpBody(data=openai_compat.SSE_DONE)
 
     @grpc_util.stream_errors
     @caller_stream_errors
@@ -278,44 +460,35 @@ class ChatServicer:
             yield httpbody_pb2.HttpBody(
                 content_type="application/json",
                 data=openai_compat.completion_json(
-                    request_id, created, done.route, done.text, done.finish_reason, done.usage, done.cache
+                    request_id,
+                    created,
+                    done.route,
+                    done.text,
+                    done.finish_reason,
+                    done.usage,
+                    done.cache,
+                    choices=done.choices,
+                    logprobs=chat.sampling.logprobs,
                 ),
             )
             return
-        model = ""
         stream_headers: list[tuple[str, str]] = []
         events = self._pipeline.stream(principal, chat, request_id, stream_headers)
+        chunks = openai_compat.ChatChunks(
+            request_id, created, chat.sampling.n, parsed.include_usage, chat.sampling.logprobs
+        )
         # Errors before the first event (validation in the router, auth, limits) become an HTTP status; the
         # first body is only sent once the router has accepted the request.
         first = await anext(aiter(events))
-        route = first.route
-        model = route.variant if route else ""
-        cache = first.cache
         await _send_headers(context, stream_headers)
-        yield httpbody_pb2.HttpBody(
-            content_type="text/event-stream",
-            data=openai_compat.sse_chunk(
-                request_id, created, model, {"role": "assistant", "content": ""}, route=route, cache=cache
-            ),
-        )
+        opening = chunks.feed(first)
+        yield httpbody_pb2.HttpBody(content_type="text/event-stream", data=opening[0])
+        for data in opening[1:]:
+            yield httpbody_pb2.HttpBody(data=data)
         try:
             async for event in events:
-                if event.delta:
-                    yield httpbody_pb2.HttpBody(
-                        data=openai_compat.sse_chunk(request_id, created, model, {"content": event.delta}, cache=cache)
-                    )
-                if event.finish_reason:
-                    yield httpbody_pb2.HttpBody(
-                        data=openai_compat.sse_chunk(
-                            request_id, created, model, {}, finish_reason=event.finish_reason, cache=cache
-                        )
-                    )
-                    if parsed.include_usage and event.usage is not None:
-                        yield httpbody_pb2.HttpBody(
-                            data=openai_compat.sse_chunk(
-                                request_id, created, model, None, usage=event.usage, cache=cache
-                            )
-                        )
+                for data in chunks.feed(event):
+                    yield httpbody_pb2.HttpBody(data=data)
         except MeshError as exc:
             yield httpbody_pb2.HttpBody(data=openai_compat.sse_error(exc, request_id))
         yield httpbody_pb2.HttpBody(data=openai_compat.SSE_DONE)
@@ -344,6 +517,26 @@ def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
         "OpenAIChatCompletions": grpc.unary_stream_rpc_method_handler(
             servicer.OpenAIChatCompletions,
             request_deserializer=tolerant_deserializer(chat_pb2.OpenAIHttpRequest),
+            response_serializer=serialize,
+        ),
+        "OpenAICompletions": grpc.unary_stream_rpc_method_handler(
+            servicer.OpenAICompletions,
+            request_deserializer=tolerant_deserializer(chat_pb2.OpenAIHttpRequest),
+            response_serializer=serialize,
+        ),
+        "OpenAIEmbeddings": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenAIEmbeddings,
+            request_deserializer=tolerant_deserializer(chat_pb2.OpenAIHttpRequest),
+            response_serializer=serialize,
+        ),
+        "CreateEmbeddings": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateEmbeddings,
+            request_deserializer=tolerant_deserializer(chat_pb2.EmbeddingsRequest),
+            response_serializer=serialize,
+        ),
+        "GetModel": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModel,
+            request_deserializer=tolerant_deserializer(chat_pb2.GetModelRequest),
             response_serializer=serialize,
         ),
     }
@@ -419,7 +612,10 @@ async def serve(settings: GatewaySettings) -> None:
     )
     serve_metrics(registry, settings.host, settings.metrics_port)
     server = grpc.aio.server(options=grpc_util.server_options())
-    server.add_generic_rpc_handlers((_handlers(ChatServicer(pipeline, limits)),))
+    # Embeddings: reserved and settled like chat, on the router's Embed.
+    embed_client = embeddings_api.GrpcEmbedClient(settings.router_url, tls=tls)
+    embeddings = embeddings_api.Embeddings(embed_client, guarded_quotas)
+    server.add_generic_rpc_handlers((_handlers(ChatServicer(pipeline, limits, embeddings)),))
     health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
     address = f"{settings.host}:{settings.port}"
     add_port(server, address, tls)
@@ -438,6 +634,7 @@ async def serve(settings: GatewaySettings) -> None:
     if quotas is not None:
         await quotas.close(max(0.0, drain_until - time.monotonic()))
     await router.close()
+    await embed_client.close()
     if cache is not None:
         await cache.close()
     if limiter_probe is not None:

@@ -51,6 +51,11 @@ class InvalidRequest(MeshError):
     pass
 
 
+class NotFound(InvalidRequest):
+    """What the caller named does not exist (e.g. a model id): NOT_FOUND, HTTP 404. A kind of invalid request, so
+    OpenAI-shaped errors give it OpenAI's type for it, invalid_request_error."""
+
+
 class Unauthenticated(MeshError):
     pass
 

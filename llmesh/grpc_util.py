@@ -17,7 +17,9 @@ from llmesh import errors
 
 log = logging.getLogger(__name__)
 
+# First match wins: NotFound before InvalidRequest, its base.
 _TO_STATUS: tuple[tuple[type[errors.MeshError], grpc.StatusCode], ...] = (
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -26,7 +28,8 @@ _TO_STATUS: tuple[tuple[type[errors.MeshError], grpc.StatusCode], ...] = (
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Internal, grpc.StatusCode.INTERNAL),
 )
-_FROM_STATUS = {code: exc for exc, code in _TO_STATUS}
+# A downstream NOT_FOUND (e.g. Triton missing a model) is a server-side problem unless the caller maps it itself.
+_FROM_STATUS = {code: exc for exc, code in _TO_STATUS if exc is not errors.NotFound}
 
 
 def status_for(exc: errors.MeshError) -> grpc.StatusCode:

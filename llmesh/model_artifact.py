@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +93,8 @@ class ChatTokenizer:
         names = sorted(set(special.values()), key=len, reverse=True)
         self._special_pattern = re.compile("|".join(map(re.escape, names))) if names else None
         self._plain: Tokenizer | None = None
+        self._added: frozenset[str] | None = None
+        self._token_bytes: dict[int, bytes] | None = None
 
     @classmethod
     def from_model_dir(cls, version_dir: Path) -> ChatTokenizer:
@@ -110,36 +112,73 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return self.metadata.vocab_size
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """The chat template renders `tools` and the Hermes-style `<tool_call>` format the router parses (Qwen2.5)."""
+        source = self.metadata.chat_template or ""
+        return "tools" in source and "<tool_call>" in source
+
+    @property
+    def added_tokens(self) -> frozenset[str]:
+        """The text of every added token (special or not): each is one id however it is spelled in text."""
+        if self._added is None:
+            self._added = frozenset(t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.content)
+        return self._added
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """Render the template. `tools` are OpenAI-shaped ({"type": "function", "function": {...}}); assistant
+        turns may carry `tool_calls` (arguments as parsed JSON) and `tool` turns answer them."""
         if self._template is None:
             raise ValueError(f"model {self.metadata.variant!r} has no chat template")
+        extra: dict[str, Any] = {"tools": [dict(t) for t in tools]} if tools else {}
         return str(
             self._template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.metadata.bos_token or "",
                 eos_token=self.metadata.eos_token or "",
+                **extra,
             )
         )
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """The prompt's ids with control tokens only where the template put them.
 
-        Text a caller sends (any message's content) is tokenized as text: `<|im_start|>system` typed into a user
-        message becomes the tokens of those characters, not the control token, so no one can forge a turn. A
-        conversation without such text gets exactly the ids of `encode(apply_chat_template(messages))`.
+        Text a caller sends (any message's content, tool calls' names and arguments, tools' names, descriptions and
+        parameter schemas) is tokenized as text: `<|im_start|>system` typed into a user message becomes the tokens
+        of those characters, not the control token, so no one can forge a turn. A conversation without such text
+        gets exactly the ids of `encode(apply_chat_template(messages, tools=tools))`.
         """
-        prompt = self.apply_chat_template(messages, add_generation_prompt)
+        prompt = self.apply_chat_template(messages, add_generation_prompt, tools)
         encoding = self._tokenizer.encode(prompt, add_special_tokens=True)
         pattern = self._special_pattern
-        if pattern is None or not any(pattern.search(m.get("content") or "") for m in messages):
+        if pattern is None:
             return list(encoding.ids)
-        spans = self._content_spans(messages, add_generation_prompt, prompt)
+        found: list[str] = []
+
+        def collect(text: str) -> str:
+            found.append(text)
+            return text
+
+        _map_caller_text(messages, tools, collect)
+        if not any(pattern.search(text) for text in found):
+            return list(encoding.ids)
+        spans = self._caller_spans(messages, tools, add_generation_prompt, prompt, "".join(found))
         if spans is None:
-            # The template rewrites content beyond trimming, so content cannot be located in the prompt: drop the
-            # control-token spellings from the content instead. Rare, and never lets a control token through.
-            cleaned = [{**m, "content": pattern.sub("", m.get("content") or "")} for m in messages]
-            return self.encode(self.apply_chat_template(cleaned, add_generation_prompt))
+            # The template rewrites caller text beyond trimming, so it cannot be located in the prompt: drop the
+            # control-token spellings from it instead. Rare, and never lets a control token through.
+            clean_messages, clean_tools = _map_caller_text(messages, tools, lambda text: pattern.sub("", text))
+            return self.encode(self.apply_chat_template(clean_messages, add_generation_prompt, clean_tools))
         ids: list[int] = []
         for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
             if token_id in self._special_ids and any(lo <= start < hi for lo, hi in spans):
@@ -148,22 +187,28 @@ class ChatTokenizer:
                 ids.append(token_id)
         return ids
 
-    def _content_spans(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, prompt: str
+    def _caller_spans(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool,
+        prompt: str,
+        used: str,
     ) -> list[tuple[int, int]] | None:
-        """Where each message's content lies in `prompt` (character offsets), found by rendering the template with
-        every content between two markers; None when the template changes content other than by trimming it."""
-        used = "".join(m.get("content") or "" for m in messages)
+        """Where each piece of caller text lies in `prompt` (character offsets), found by rendering the template
+        with every piece between two markers; None when the template changes it other than by trimming content."""
         free = [c for c in _MARKER_CANDIDATES if c not in used]
         if len(free) < 2:
             return None
         begin, end = free[0], free[1]
         for trim in (False, True):
-            marked = [
-                {**m, "content": begin + ((m.get("content") or "").strip() if trim else m.get("content") or "") + end}
-                for m in messages
-            ]
-            rendered = self.apply_chat_template(marked, add_generation_prompt)
+            marked_messages, marked_tools = _map_caller_text(
+                messages,
+                tools,
+                lambda text: begin + text + end,
+                (lambda text: begin + text.strip() + end) if trim else None,
+            )
+            rendered = self.apply_chat_template(marked_messages, add_generation_prompt, marked_tools)
             spans: list[tuple[int, int]] = []
             text: list[str] = []
             length = 0
@@ -200,6 +245,112 @@ class ChatTokenizer:
         while a multi-byte character is incomplete. Pass `self.hf_tokenizer` as the tokenizer."""
         return decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (a piece of a multi-byte character stays a piece): byte-level BPE
+        tokens through GPT-2's byte table, SentencePiece pieces with '\u2581' as a space and <0xNN> as that byte,
+        added tokens as their text. b"" for ids the tokenizer does not have (vocabulary padding)."""
+        if self._token_bytes is None:
+            self._token_bytes = _token_byte_table(self._tokenizer)
+        return self._token_bytes.get(int(token_id), b"")
+
     @property
     def hf_tokenizer(self) -> Tokenizer:
         return self._tokenizer
+
+
+_SPM_SPACE = "\u2581"
+_SPM_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character each byte is spelled with in byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _uses_byte_level(decoder: Any) -> bool:
+    if not isinstance(decoder, dict):
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return any(_uses_byte_level(d) for d in decoder.get("decoders") or [])
+
+
+def _token_byte_table(tokenizer: Tokenizer) -> dict[int, bytes]:
+    spec = json.loads(tokenizer.to_str())
+    added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+    table: dict[int, bytes] = {}
+    if _uses_byte_level(spec.get("decoder")):
+        byte_of = _gpt2_byte_decoder()
+        for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items():
+            if all(c in byte_of for c in token):
+                table[token_id] = bytes(byte_of[c] for c in token)
+            else:
+                table[token_id] = token.encode()
+    else:
+        for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items():
+            match = _SPM_BYTE.fullmatch(token)
+            table[token_id] = bytes([int(match.group(1), 16)]) if match else token.replace(_SPM_SPACE, " ").encode()
+    for token_id, content in added.items():
+        table[token_id] = content.encode()
+    return table
+
+
+# Keys of messages, tool calls and tools that the template reads as structure, not caller text.
+_STRUCTURE_KEYS = frozenset({"role", "type"})
+
+
+def _map_json(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` (parsed JSON) with every string in it, object keys included, mapped through `fn`."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_json(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_json(v, fn) for v in value]
+    return value
+
+
+def _map_fields(item: Mapping[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """A message, tool call or tool with its caller text mapped: string fields, and nested structures' text."""
+    out: dict[str, Any] = {}
+    for key, value in item.items():
+        if key in _STRUCTURE_KEYS:
+            out[key] = value
+        elif key in ("arguments", "parameters"):
+            out[key] = _map_json(value, fn)  # free-form JSON: its keys are caller text too
+        elif isinstance(value, str):
+            out[key] = fn(value)
+        elif isinstance(value, Mapping):
+            out[key] = _map_fields(value, fn)
+        elif isinstance(value, list):
+            out[key] = [_map_fields(v, fn) if isinstance(v, Mapping) else _map_json(v, fn) for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def _map_caller_text(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None,
+    fn: Callable[[str], str],
+    content_fn: Callable[[str], str] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages and tools with every piece of caller text mapped through `fn` (message content through
+    `content_fn` when given). Roles and types are structure and stay as they are."""
+    mapped_messages = []
+    for message in messages:
+        mapped = _map_fields({k: v for k, v in message.items() if k != "content"}, fn)
+        if "content" in message:
+            content = message["content"]
+            mapped["content"] = (content_fn or fn)(content) if isinstance(content, str) else content
+        mapped_messages.append({k: mapped[k] for k in message})  # the caller's key order
+    mapped_tools = [_map_fields(t, fn) for t in tools] if tools is not None else None
+    return mapped_messages, mapped_tools

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmesh.minilm import EMBEDDING_MODEL
 from llmesh.tls import TlsSettings
 from router.policy import DEFAULT_POLICY_FILE
 
@@ -35,6 +36,10 @@ class RouterSettings(TlsSettings):
     # Use the same files on the Triton hop (tritonserver --grpc-use-ssl-mutual). `llmesh up` turns it on for the
     # tritonservers it starts; an external Triton is reached as configured here.
     triton_tls: bool = False
+    # The Triton model serving Embed (triton_models/embedding_model.py); used when the model repository holds it,
+    # "" = no embeddings. Upper bound on one Embed call's Triton request.
+    embedding_model: str = EMBEDDING_MODEL
+    embed_timeout_s: float = 30.0
 
     def replica_urls(self) -> tuple[list[str], list[str]]:
         def split(value: str) -> list[str]:

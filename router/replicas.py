@@ -22,8 +22,16 @@ class Replica(Protocol):
     def name(self) -> str: ...
 
     def stream(
-        self, variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams, tier: Tier
-    ) -> AsyncIterator[TokenChunk]: ...
+        self,
+        variant: str,
+        request_id: str,
+        input_ids: Sequence[int],
+        sampling: SamplingParams,
+        tier: Tier,
+        grammar: str = "",
+    ) -> AsyncIterator[TokenChunk]:
+        """Tokens of one generation; `grammar` (engine/grammar.py's text, "" = none) constrains decoding."""
+        ...
 
     async def ready(self, variant: str) -> bool:
         """True when the replica serves `variant`; False (never an exception) when it cannot be reached."""

@@ -14,19 +14,25 @@ from prometheus_client import CollectorRegistry
 
 from llmesh import grpc_util
 from llmesh.convert import (
+    logprobs_to_pb,
     messages_from_pb,
+    output_from_pb,
     prepared_from_pb,
     prepared_to_pb,
     route_to_pb,
     sampling_from_pb,
     tier_from_pb,
     tiers_to_pb,
+    tool_calls_to_pb,
     usage_to_pb,
 )
+from llmesh.errors import Unavailable
 from llmesh.metrics import serve_metrics
 from llmesh.tls import TlsFiles, add_port
-from llmesh.v1 import router_pb2, router_pb2_grpc
+from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.config import RouterSettings
+from router.embeddings import EmbeddingService
+from router.embeddings import from_repository as embeddings_from_repository
 from router.load import LoadTracker
 from router.metrics import PrometheusObserver
 from router.policy import load_policy
@@ -61,8 +67,9 @@ def load_variants(repository: Path) -> dict[str, Variant]:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, embeddings: EmbeddingService | None = None) -> None:
         self._router = router
+        self._embeddings = embeddings
 
     @grpc_util.unary_errors
     async def Prepare(
@@ -70,7 +77,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.PrepareResponse:
         prepared = self._router.prepare(
             tier_from_pb(request.tier), request.model, messages_from_pb(request.messages),
-            sampling_from_pb(request.sampling),
+            sampling_from_pb(request.sampling), output_from_pb(request.output), request.prompt,
         )  # fmt: skip
         return router_pb2.PrepareResponse(
             prepared=prepared_to_pb(prepared), context_length=self._router.context_length(prepared.route.variant)
@@ -87,9 +94,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             messages=messages_from_pb(request.messages),
             sampling=sampling_from_pb(request.sampling),
             prepared=prepared_from_pb(request.prepared) if request.HasField("prepared") else None,
+            output=output_from_pb(request.output),
+            prompt=request.prompt,
         )
         async for event in events:
-            chunk = router_pb2.GenerateChunk(delta=event.delta, finish_reason=event.finish_reason)
+            chunk = router_pb2.GenerateChunk(
+                delta=event.delta,
+                finish_reason=event.finish_reason,
+                index=event.index,
+                logprobs=logprobs_to_pb(event.logprobs),
+                tool_calls=tool_calls_to_pb(event.tool_calls),
+            )
             if event.usage is not None:
                 chunk.usage.CopyFrom(usage_to_pb(event.usage))
             if event.route is not None:
@@ -107,6 +122,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 )
                 for v in self._router.list_variants()
             ]
+        )
+
+    @grpc_util.unary_errors
+    async def Embed(
+        self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.EmbedResponse:
+        if self._embeddings is None:
+            raise Unavailable("this deployment serves no embedding model (its Triton model repository has none)")
+        result = await self._embeddings.embed(list(request.inputs), request.model)
+        return router_pb2.EmbedResponse(
+            model=result.model,
+            embeddings=[common_pb2.Embedding(index=i, values=row.tolist()) for i, row in enumerate(result.vectors)],
+            prompt_tokens=result.prompt_tokens,
         )
 
 
@@ -137,9 +165,13 @@ async def serve(settings: RouterSettings) -> None:
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry, pool, load, list(policy.variants))
     router = Router(variants, policy, pool, load=load, observer=observer)
+    embeddings, embedding_backends = embeddings_from_repository(
+        settings.model_repository, settings.embedding_model, shared_urls + dedicated_urls,
+        settings.embed_timeout_s, triton_tls,
+    )  # fmt: skip
     serve_metrics(registry, settings.host, settings.metrics_port)
 
-    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router, embeddings), server)
     address = f"{settings.host}:{settings.port}"
     add_port(server, address, tls)
     await pool.probe(list(variants))
@@ -157,6 +189,8 @@ async def serve(settings: RouterSettings) -> None:
     await server.stop(grace=10)
     for replica in replicas:
         await replica.close()
+    for backend in embedding_backends:
+        await backend.close()
 
 
 async def _probe_replicas(pool: ReplicaPool, variants: list[str], interval_s: float) -> None:

@@ -1,8 +1,14 @@
 """Token streams from Triton over gRPC (ModelStreamInfer), one bidirectional stream per request.
 
 The I/O contract is the one in triton_models/python_model.py: inputs input_ids [1, L] INT64, max_tokens [1, 1]
-INT32, temperature / top_p [1, 1] FP32, seed [1, 1] INT64 (optional); every response has token_ids [-1] INT64 and
-finish_reason [1] BYTES. Cancelling the call (closing the iterator) makes Triton cancel the request.
+INT32, temperature / top_p [1, 1] FP32, and, each sent only when it differs from the default: seed [1, 1] INT64,
+presence_penalty / frequency_penalty / repetition_penalty [1, 1] FP32, logit_bias_ids [1, K] INT64 with
+logit_bias_values [1, K] FP32, top_logprobs [1, 1] INT32 (absent: no logprobs), stop_token_ids [1, K] INT64,
+n [1, 1] INT32 and grammar [1, 1] BYTES (router.constraints). Every response has token_ids [-1] INT64,
+finish_reason [1] BYTES, index [1, 1] INT32 (the choice), logprob [1, T] FP32 ([1, 0] when not asked) and
+top_token_ids [1, K] INT64 / top_logprobs [1, K] FP32. With n > 1 each choice ends with a response that has no
+tokens, its finish_reason and index; the last of them is final. Cancelling the call (closing the iterator) makes
+Triton cancel the request.
 """
 
 from __future__ import annotations
@@ -37,7 +43,12 @@ def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
 
 
 def build_request(
-    variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams, priority: int = 0
+    variant: str,
+    request_id: str,
+    input_ids: Sequence[int],
+    sampling: SamplingParams,
+    priority: int = 0,
+    grammar: str = "",
 ) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=variant, id=request_id)
     if priority:
@@ -63,8 +74,31 @@ def build_request(
     add("top_p", "FP32", [sampling.top_p], [1, 1])
     if sampling.seed is not None:
         add("seed", "INT64", [sampling.seed], [1, 1])
-    request.outputs.add(name="token_ids")
-    request.outputs.add(name="finish_reason")
+    # The engine's defaults are "off": sent only when they change something, so plain requests look as before.
+    for name, value, default in (
+        ("presence_penalty", sampling.presence_penalty, 0.0),
+        ("frequency_penalty", sampling.frequency_penalty, 0.0),
+        ("repetition_penalty", sampling.repetition_penalty, 1.0),
+    ):
+        if value != default:
+            add(name, "FP32", [value], [1, 1])
+    if sampling.logit_bias:
+        add("logit_bias_ids", "INT64", [i for i, _ in sampling.logit_bias], [1, len(sampling.logit_bias)])
+        add("logit_bias_values", "FP32", [b for _, b in sampling.logit_bias], [1, len(sampling.logit_bias)])
+    if sampling.logprobs:
+        add("top_logprobs", "INT32", [sampling.top_logprobs], [1, 1])
+    if sampling.stop_token_ids:
+        add("stop_token_ids", "INT64", list(sampling.stop_token_ids), [1, len(sampling.stop_token_ids)])
+    if sampling.n > 1:
+        add("n", "INT32", [sampling.n], [1, 1])
+    if grammar:
+        tensor = request.inputs.add(name="grammar", datatype="BYTES", shape=[1, 1])
+        tensor.contents.bytes_contents.append(grammar.encode())
+    for output in ("token_ids", "finish_reason", "index"):
+        request.outputs.add(name=output)
+    if sampling.logprobs:
+        for output in ("logprob", "top_token_ids", "top_logprobs"):
+            request.outputs.add(name=output)
     return request
 
 
@@ -72,16 +106,40 @@ def parse_response(response: service_pb2.ModelInferResponse) -> tuple[TokenChunk
     """The chunk a streamed response carries, and whether it is the request's last."""
     token_ids: tuple[int, ...] = ()
     finish_reason = ""
-    for index, output in enumerate(response.outputs):
-        raw = response.raw_output_contents[index] if index < len(response.raw_output_contents) else b""
+    choice = 0
+    logprobs: tuple[float, ...] = ()
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+    for position, output in enumerate(response.outputs):
+        raw = response.raw_output_contents[position] if position < len(response.raw_output_contents) else b""
         if output.name == "token_ids":
             token_ids = tuple(int(t) for t in np.frombuffer(raw, dtype="<i8"))
         elif output.name == "finish_reason":
             values = _decode_bytes_tensor(raw)
             finish_reason = values[0].decode() if values else ""
+        elif output.name == "index":
+            values_i32 = np.frombuffer(raw, dtype="<i4")
+            choice = int(values_i32[0]) if values_i32.size else 0
+        elif output.name == "logprob":
+            logprobs = tuple(float(v) for v in np.frombuffer(raw, dtype="<f4"))
+        elif output.name == "top_token_ids":
+            top_ids = [int(v) for v in np.frombuffer(raw, dtype="<i8")]
+        elif output.name == "top_logprobs":
+            top_logprobs = [float(v) for v in np.frombuffer(raw, dtype="<f4")]
     final_param = response.parameters.get("triton_final_response")
     final = bool(final_param.bool_param) if final_param is not None else bool(finish_reason)
-    return TokenChunk(token_ids=token_ids, finish_reason=finish_reason), final
+    # Logprobs come one row per token: [T] chosen, [T, K] alternatives (K may be 0).
+    rows = len(logprobs) if token_ids and len(logprobs) == len(token_ids) else 0
+    width = len(top_ids) // rows if rows and len(top_ids) == len(top_logprobs) else 0
+    chunk = TokenChunk(
+        token_ids=token_ids,
+        finish_reason=finish_reason,
+        index=choice,
+        logprobs=logprobs if rows else (),
+        top_ids=tuple(tuple(top_ids[r * width : (r + 1) * width]) for r in range(rows)),
+        top_logprobs=tuple(tuple(top_logprobs[r * width : (r + 1) * width]) for r in range(rows)),
+    )
+    return chunk, final
 
 
 class TritonReplica:
@@ -128,10 +186,18 @@ class TritonReplica:
         return levels if tier is Tier.FREE else 1
 
     async def stream(
-        self, variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams, tier: Tier
+        self,
+        variant: str,
+        request_id: str,
+        input_ids: Sequence[int],
+        sampling: SamplingParams,
+        tier: Tier,
+        grammar: str = "",
     ) -> AsyncIterator[TokenChunk]:
+        """`grammar`: router.constraints' text for the engine's constrained decoding ("" = none)."""
         try:
-            request = build_request(variant, request_id, input_ids, sampling, await self._priority(variant, tier))
+            priority = await self._priority(variant, tier)
+            request = build_request(variant, request_id, input_ids, sampling, priority, grammar)
             call = self._stub.ModelStreamInfer(iter([request]), timeout=self._timeout_s)
         except grpc.RpcError as err:
             raise error_from_rpc(err, f"triton {self._url} ({variant})") from err

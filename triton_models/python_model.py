@@ -2,29 +2,57 @@
 
 I/O CONTRACT (model name = the variant, e.g. "smollm2-135m"; decoupled -> use gRPC streaming)
 
-  One sequence per request; the leading dimension is Triton's batch dimension and is always 1.
+  One sequence per request; the leading dimension is Triton's batch dimension and is always 1. Every input but
+  input_ids and max_tokens is optional; absent means the default given.
 
-  inputs   input_ids    INT64 [1, L]   prompt token ids, L >= 1 (ChatTokenizer.encode of the chat template)
-           max_tokens   INT32 [1, 1]   tokens to generate at most, >= 1; L + max_tokens <= context length
-           temperature  FP32  [1, 1]   optional; absent or 0 = greedy
-           top_p        FP32  [1, 1]   optional; absent = 1.0; must be in (0, 1]
-           top_k        INT32 [1, 1]   optional; absent or 0 = no limit
-           seed         INT64 [1, 1]   optional; absent or < 0 = unseeded. Same seed + same inputs = same tokens
-                                       (exactly when the request runs alone; batch neighbours can shift logits
-                                       by ~1e-5, which can flip a near-tie)
+  inputs   input_ids          INT64 [1, L]  prompt token ids, L >= 1 (ChatTokenizer.encode of the chat template)
+           max_tokens         INT32 [1, 1]  tokens to generate at most per choice, >= 1; L + max_tokens <= context
+           temperature        FP32  [1, 1]  absent or 0 = greedy
+           top_p              FP32  [1, 1]  absent = 1.0; must be in (0, 1]
+           top_k              INT32 [1, 1]  absent or 0 = no limit
+           seed               INT64 [1, 1]  absent or < 0 = unseeded. Same seed + same inputs = same tokens
+                                            (exactly when the graph computes a row the same whatever its batch
+                                            neighbours; otherwise they can shift logits by ~1e-5 and flip a
+                                            near-tie). With n > 1, choice 0 draws exactly as with n = 1, choice i
+                                            from (seed, i).
+           presence_penalty   FP32  [1, 1]  in [-2, 2], default 0: logit -= p * (token generated before)
+           frequency_penalty  FP32  [1, 1]  in [-2, 2], default 0: logit -= f * (times it was generated)
+           repetition_penalty FP32  [1, 1]  in (0, 2], default 1 (off): tokens in the prompt or the output have
+                                            positive logits divided by it, negative ones multiplied (vLLM)
+           logit_bias_ids     INT64 [1, K]  token ids in [0, vocab), K <= 300; with logit_bias_values of the
+           logit_bias_values  FP32  [1, K]  same K, each in [-100, 100], added to that token's logit
+           top_logprobs       INT32 [1, 1]  in [0, 20]; absent = no logprobs, 0 = only the chosen token's
+           stop_token_ids     INT64 [1, K]  ids in [0, vocab): generation ends with "stop" at any of them; the
+                                            token is not sent (like an end-of-sequence token)
+           n                  INT32 [1, 1]  choices, in [1, max_choices of the engine (default 8)], default 1;
+                                            the prompt is computed once
+           grammar            BYTES [1, 1]  UTF-8 grammar text (engine/grammar.py: {"json_schema": ...},
+                                            {"json_object": true} or {"lark": ...}); absent or empty =
+                                            unconstrained. The output follows it; when it is complete the choice
+                                            ends with "stop" (max_tokens first -> "length").
+  Per row the controls apply in this order: logit_bias, repetition_penalty, presence and frequency penalties, the
+  grammar mask, then temperature / top-k / top-p. Logprobs are the log-softmax of the model's RAW logits (before
+  bias, penalties, temperature and grammar), as vLLM does by default.
   request  priority (Triton's request priority, 1 = most urgent .. 3 = default) orders Triton's queue; the
            engine also reads the optional request parameter "llmesh_priority" (same scale) for its own queue.
 
-  responses, in order, on the request's stream:
-           one per generated token:  token_ids INT64 [1, 1] = the token,  finish_reason BYTES [1, 1] = b""
-           then exactly one final:   token_ids INT64 [1, 0] (empty),      finish_reason BYTES [1, 1] =
-                                     b"stop" (an end-of-sequence token; it is never sent) | b"length" (max_tokens
-                                     reached) | b"cancelled" (the client cancelled), flag COMPLETE_FINAL
-           or, for an invalid request, a single final error response whose message starts with
+  responses, in order, on the request's stream; every response carries all six outputs:
+           token_ids     INT64 [1, 1]  the token                  ([1, 0] on a choice's end)
+           finish_reason BYTES [1, 1]  b""                        (the reason on a choice's end)
+           index         INT32 [1, 1]  the choice, 0 .. n-1
+           logprob       FP32  [1, 1]  the token's logprob        ([1, 0] when top_logprobs is absent, and on ends)
+           top_token_ids INT64 [1, K]  the K = top_logprobs most likely tokens, most likely first (ties by id)
+           top_logprobs  FP32  [1, K]  their logprobs             (K = 0 when not asked, and on ends)
+           one per generated token, then per choice one end: token_ids [1, 0], finish_reason = b"stop" (an
+           end-of-sequence or stop token, never sent; or the grammar is complete) | b"length" (max_tokens
+           reached) | b"cancelled" (the client cancelled). With n == 1 that is one final response, flag
+           COMPLETE_FINAL; with n > 1 every choice's end is its own response (its index), the last one to come
+           carries COMPLETE_FINAL. Tokens of different choices interleave.
+           Or, for an invalid request, a single final error response whose message starts with
            "invalid request: " (code INVALID_ARG; gRPC streaming delivers only the message, in
            ModelStreamInferResponse.error_message); nothing is generated. An internal failure ends the requests
-           it touched (only those; the others go on) with a final error whose message starts with
-           "generation failed: "; so does unloading the model for every request still open.
+           it touched (only those, all their choices; the others go on) with a final error whose message starts
+           with "generation failed: "; so does unloading the model for every request still open.
 
 execute() validates each request, hands it to the engine and returns at once; one engine thread per model
 instance runs iteration-level continuous batching (engine.Engine.run): requests join the running batch between
@@ -52,6 +80,7 @@ from triton_models.engine import (
     FinishReason,
     GenerationRequest,
     RequestRejected,
+    TokenLogprob,
 )
 
 # name -> (Triton type, optional); what repository.render_config writes and this file reads.
@@ -62,8 +91,24 @@ EXPECTED_INPUTS = {
     "top_p": ("TYPE_FP32", True),
     "top_k": ("TYPE_INT32", True),
     "seed": ("TYPE_INT64", True),
+    "presence_penalty": ("TYPE_FP32", True),
+    "frequency_penalty": ("TYPE_FP32", True),
+    "repetition_penalty": ("TYPE_FP32", True),
+    "logit_bias_ids": ("TYPE_INT64", True),
+    "logit_bias_values": ("TYPE_FP32", True),
+    "top_logprobs": ("TYPE_INT32", True),
+    "stop_token_ids": ("TYPE_INT64", True),
+    "n": ("TYPE_INT32", True),
+    "grammar": ("TYPE_STRING", True),
 }
-EXPECTED_OUTPUTS = {"token_ids": "TYPE_INT64", "finish_reason": "TYPE_STRING"}
+EXPECTED_OUTPUTS = {
+    "token_ids": "TYPE_INT64",
+    "finish_reason": "TYPE_STRING",
+    "index": "TYPE_INT32",
+    "logprob": "TYPE_FP32",
+    "top_token_ids": "TYPE_INT64",
+    "top_logprobs": "TYPE_FP32",
+}
 
 
 def validate_config(config: dict[str, Any]) -> None:
@@ -104,7 +149,43 @@ def _optional_scalar(request: Any, name: str) -> float | int | None:
     return array.reshape(-1)[0].item()  # type: ignore[no-any-return]
 
 
+def _optional_row(request: Any, name: str) -> np.ndarray | None:
+    """An optional [1, K] input's K values."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    if array.ndim != 2 or array.shape[0] != 1:
+        raise RequestRejected(f"{name} must have shape [1, K], got {list(array.shape)}")
+    return array[0]
+
+
+def _logit_bias(request: Any) -> tuple[tuple[int, float], ...]:
+    ids, values = _optional_row(request, "logit_bias_ids"), _optional_row(request, "logit_bias_values")
+    if ids is None and values is None:
+        return ()
+    if ids is None or values is None or ids.shape != values.shape:
+        raise RequestRejected("logit_bias_ids and logit_bias_values must come together, with the same shape [1, K]")
+    return tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+
+
+def _grammar(request: Any) -> str | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, "grammar")
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    if array.size != 1:
+        raise RequestRejected(f"grammar must hold exactly one text, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise RequestRejected("grammar is not valid UTF-8") from None
+    return text or None
+
+
 def parse_request(request: Any) -> GenerationRequest:
+    """The request's tensors as a GenerationRequest (shapes checked here, ranges by Engine.validate)."""
     ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
     if ids_tensor is None:  # Triton enforces required inputs; kept so a config drift fails clearly
         raise RequestRejected("input_ids is required")
@@ -114,20 +195,32 @@ def parse_request(request: Any) -> GenerationRequest:
     max_tokens = _optional_scalar(request, "max_tokens")
     if max_tokens is None:
         raise RequestRejected("max_tokens is required")
-    temperature = _optional_scalar(request, "temperature")
-    top_p = _optional_scalar(request, "top_p")
-    top_k = _optional_scalar(request, "top_k")
+
+    def scalar(name: str, default: float) -> float:
+        value = _optional_scalar(request, name)
+        return default if value is None else float(value)
+
     seed = _optional_scalar(request, "seed")
+    top_logprobs = _optional_scalar(request, "top_logprobs")
+    stop_ids = _optional_row(request, "stop_token_ids")
     return GenerationRequest(
         prompt_ids=[int(t) for t in ids[0]],
         sampling=EngineSampling(
             max_tokens=int(max_tokens),
-            temperature=0.0 if temperature is None else float(temperature),
-            top_p=1.0 if top_p is None else float(top_p),
-            top_k=0 if top_k is None else int(top_k),
+            temperature=scalar("temperature", 0.0),
+            top_p=scalar("top_p", 1.0),
+            top_k=int(scalar("top_k", 0)),
             seed=None if seed is None or int(seed) < 0 else int(seed),
+            presence_penalty=scalar("presence_penalty", 0.0),
+            frequency_penalty=scalar("frequency_penalty", 0.0),
+            repetition_penalty=scalar("repetition_penalty", 1.0),
+            logit_bias=_logit_bias(request),
+            top_logprobs=None if top_logprobs is None else int(top_logprobs),
+            stop_token_ids=frozenset() if stop_ids is None else frozenset(int(t) for t in stop_ids.tolist()),
+            grammar=_grammar(request),
         ),
         priority=_priority(request),
+        n=int(scalar("n", 1)),
     )
 
 
@@ -141,11 +234,25 @@ def _priority(request: Any) -> int:
     return int(value) if isinstance(value, int) and 0 <= value <= 3 else 3
 
 
-def _response(token_ids: list[int], finish_reason: str) -> Any:
+_NO_FLOATS = np.zeros((1, 0), dtype=np.float32)
+_NO_IDS = np.zeros((1, 0), dtype=np.int64)
+
+
+def _response(token_ids: list[int], finish_reason: str, index: int = 0, logprob: TokenLogprob | None = None) -> Any:
+    if logprob is None:
+        chosen, top_ids, top_values = _NO_FLOATS, _NO_IDS, _NO_FLOATS
+    else:
+        chosen = np.array([[logprob.logprob]], dtype=np.float32)
+        top_ids = np.array([logprob.top_ids], dtype=np.int64).reshape(1, len(logprob.top_ids))
+        top_values = np.array([logprob.top_logprobs], dtype=np.float32).reshape(1, len(logprob.top_logprobs))
     return pb_utils.InferenceResponse(
         output_tensors=[
             pb_utils.Tensor("token_ids", np.array([token_ids], dtype=np.int64).reshape(1, len(token_ids))),
             pb_utils.Tensor("finish_reason", np.array([[finish_reason.encode()]], dtype=np.object_)),
+            pb_utils.Tensor("index", np.array([[index]], dtype=np.int32)),
+            pb_utils.Tensor("logprob", chosen),
+            pb_utils.Tensor("top_token_ids", top_ids),
+            pb_utils.Tensor("top_logprobs", top_values),
         ]
     )
 
@@ -179,19 +286,19 @@ class _Stream:
             self.logger.log_warn(f"request {self.request.request_id()!r}: response not delivered: {exc}")
 
     # engine.Sink, called on the engine thread.
-    def token(self, token_id: int) -> None:
-        self._send(_response([token_id], ""))
+    def token(self, token_id: int, index: int = 0, logprob: TokenLogprob | None = None) -> None:
+        self._send(_response([token_id], "", index, logprob))
         self.sent += 1
 
     def cancelled(self) -> bool:
         return self.lost or bool(self.sender.is_cancelled())
 
-    def finish(self, reason: FinishReason) -> None:
-        if reason == "cancelled":
+    def finish(self, reason: FinishReason, index: int = 0, last: bool = True) -> None:
+        if reason == "cancelled" and last:
             self.logger.log_info(f"request {self.request.request_id()!r} cancelled after {self.sent} tokens")
         # Sent also after cancellation: Triton releases the request only on the final flag.
-        self._send(_response([], reason), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        self.closed = True
+        self._send(_response([], reason, index), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+        self.closed = last
 
     def fail(self, message: str, code: Any = None) -> None:
         code = pb_utils.TritonError.INTERNAL if code is None else code

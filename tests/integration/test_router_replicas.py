@@ -5,6 +5,7 @@ variant whose first token stays inside the latency budget."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -159,3 +160,91 @@ async def _flood_then_probe(router: RouterProcess) -> tuple[list, list]:  # type
 
 
 pytestmark = pytest.mark.slow
+
+
+QWEN = "qwen2.5-coder-0.5b"
+WEATHER_TOOL = common_pb2.Tool(
+    name="get_weather",
+    description="Current weather in a city",
+    parameters_json=json.dumps(
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        }
+    ),
+)
+
+
+async def _generate(target: str, request: router_pb2.GenerateRequest) -> list[router_pb2.GenerateChunk]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        return [chunk async for chunk in stub.Generate(request, timeout=300)]
+
+
+def test_qwen_tool_calls_choices_logprobs_formats_and_raw_prompts(tmp_path: Path) -> None:
+    """The router's new surface against the real engine on Triton: what it sends is what python_model.py reads."""
+    from triton_models.config import BuildSettings
+    from triton_models.repository import ensure_model_repository
+
+    repository = ensure_model_repository(BuildSettings(variants=(QWEN,)))
+    triton = triton_replica(repository, tmp_path, "triton-qwen").start([QWEN], timeout=300)
+    router = start_router([triton.grpc_url], repository, tmp_path)
+
+    def request(max_tokens: int, **fields: object) -> router_pb2.GenerateRequest:
+        sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0)
+        for name, value in dict(fields.pop("sampling", {})).items():  # type: ignore[call-overload]
+            setattr(sampling, name, value)
+        fields.setdefault("messages", [common_pb2.ChatMessage(role="user", content="What is the weather in Paris?")])
+        return router_pb2.GenerateRequest(
+            request_id=f"q-{time.monotonic_ns()}", tier=common_pb2.TIER_PAID, model=QWEN, sampling=sampling,
+            **fields,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    try:
+        # tool_choice "required": the grammar forces calls; the router turns them into ToolCalls.
+        def forced(parallel: bool) -> list[router_pb2.GenerateChunk]:
+            output = common_pb2.OutputSpec(tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=parallel)
+            return asyncio.run(_generate(router.target, request(48, output=output)))
+
+        one = forced(False)
+        calls = [call for chunk in one for call in chunk.tool_calls]
+        assert [c.name for c in calls] == ["get_weather"], one
+        assert set(json.loads(calls[0].arguments)) == {"city"}
+        assert "".join(c.delta for c in one) == "" and one[-1].finish_reason == "tool_calls"
+        # In parallel a greedy small model may call again and again up to max_tokens: complete calls come through,
+        # a call cut short is withheld (never text), and the end says "length".
+        many = forced(True)
+        calls = [call for chunk in many for call in chunk.tool_calls]
+        assert calls and all(c.name == "get_weather" for c in calls), many
+        assert "".join(c.delta for c in many) == ""
+        assert many[-1].finish_reason in ("tool_calls", "length")
+
+        # n = 2 with logprobs: each choice ends on its own; usage counts both.
+        sampled = request(6, sampling={"n": 2, "logprobs": True, "top_logprobs": 2, "temperature": 1.0, "seed": 7})
+        chunks = asyncio.run(_generate(router.target, sampled))
+        ends = sorted(c.index for c in chunks if c.finish_reason)
+        assert ends == [0, 1], chunks
+        shown = [lp for c in chunks for lp in c.logprobs]
+        assert shown and all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in shown)
+        for index in (0, 1):
+            text = "".join(c.delta for c in chunks if c.index == index)
+            logprob_bytes = b"".join(lp.bytes for c in chunks if c.index == index for lp in c.logprobs)
+            assert logprob_bytes.decode("utf-8", errors="replace") == text
+        assert chunks[-1].usage.completion_tokens == len(shown)  # every token shows, with its logprob
+
+        # response_format json_object: the answer is a JSON object.
+        as_json = asyncio.run(
+            _generate(router.target, request(48, output=common_pb2.OutputSpec(response_format="json_object")))
+        )
+        if as_json[-1].finish_reason == "stop":
+            assert isinstance(json.loads("".join(c.delta for c in as_json)), dict)
+
+        # A raw completion prompt is continued as it is.
+        raw = asyncio.run(_generate(router.target, request(8, messages=[], prompt="def add(a, b):\n    return")))
+        assert raw[-1].finish_reason in ("stop", "length") and "".join(c.delta for c in raw)
+        assert raw[-1].usage.prompt_tokens < 16  # no chat template around it
+    finally:
+        router.process.stop()
+        triton.process.stop()

@@ -34,6 +34,11 @@ class Stream:
     finish_reason: str | None = None
     error: str | None = None
     arrival: list[float] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)  # the choice of every token response
+    ends: list[tuple[int, str]] = field(default_factory=list)  # (choice, finish reason) of every end
+    logprobs: list[np.ndarray] = field(default_factory=list)  # per response: logprob, top_token_ids, top_logprobs
+    top_ids: list[np.ndarray] = field(default_factory=list)
+    top_logprobs: list[np.ndarray] = field(default_factory=list)
 
 
 class StreamingClient:
@@ -45,7 +50,14 @@ class StreamingClient:
         self.events: queue.Queue[tuple[float, Any, InferenceServerException | None]] = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.events.put((time.monotonic(), result, error)))
 
-    def send(self, request_id: str, ids: list[int], max_tokens: int, model: str = "", **optional: float | int) -> None:
+    def send(
+        self,
+        request_id: str,
+        ids: list[int],
+        max_tokens: int,
+        model: str = "",
+        **optional: float | int | list[Any] | str,
+    ) -> None:
         def tensor(name: str, datatype: str, value: np.ndarray) -> grpcclient.InferInput:
             t = grpcclient.InferInput(name, list(value.shape), datatype)
             t.set_data_from_numpy(value)
@@ -60,18 +72,29 @@ class StreamingClient:
             "top_p": ("FP32", np.float32),
             "top_k": ("INT32", np.int32),
             "seed": ("INT64", np.int64),
+            "presence_penalty": ("FP32", np.float32),
+            "frequency_penalty": ("FP32", np.float32),
+            "repetition_penalty": ("FP32", np.float32),
+            "logit_bias_ids": ("INT64", np.int64),
+            "logit_bias_values": ("FP32", np.float32),
+            "top_logprobs": ("INT32", np.int32),
+            "stop_token_ids": ("INT64", np.int64),
+            "n": ("INT32", np.int32),
+            "grammar": ("BYTES", np.object_),
         }
         for name, value in optional.items():
             datatype, dtype = types[name]
-            inputs.append(tensor(name, datatype, np.array([[value]], dtype=dtype)))
+            row = value if isinstance(value, list) else [value.encode() if isinstance(value, str) else value]
+            inputs.append(tensor(name, datatype, np.array([row], dtype=dtype).reshape(1, len(row))))
         self.client.async_stream_infer(model or self.server.variant, inputs, request_id=request_id)
 
     def next_event(self) -> tuple[float, Any, InferenceServerException | None]:
         return self.events.get(timeout=RESPONSE_TIMEOUT_S)
 
-    def collect(self, request_ids: list[str]) -> dict[str, Stream]:
-        """Read until every request in `request_ids` has its final response (an error counts as final, which
-        is only unambiguous with one request in flight: errors carry no request id)."""
+    def collect(self, request_ids: list[str], n: int = 1) -> dict[str, Stream]:
+        """Read until every request in `request_ids` has its final response, the n-th end of a request of n
+        choices (an error counts as final, which is only unambiguous with one request in flight: errors carry no
+        request id)."""
         streams = {rid: Stream() for rid in request_ids}
         open_ids = set(request_ids)
         while open_ids:
@@ -88,9 +111,17 @@ class StreamingClient:
             stream.shapes.append(tokens.shape)
             stream.tokens += tokens.reshape(-1).tolist()
             stream.arrival.append(arrived)
+            index = int(result.as_numpy("index")[0][0])
+            stream.logprobs.append(result.as_numpy("logprob"))
+            stream.top_ids.append(result.as_numpy("top_token_ids"))
+            stream.top_logprobs.append(result.as_numpy("top_logprobs"))
+            if tokens.size:
+                stream.indexes.append(index)
             if reason:
                 stream.finish_reason = reason
-                open_ids.discard(rid)
+                stream.ends.append((index, reason))
+                if len(stream.ends) == n:
+                    open_ids.discard(rid)
         return streams
 
     def close(self, cancel_requests: bool = False) -> None:
@@ -269,3 +300,77 @@ def test_two_sequences_in_one_request_are_rejected(client: StreamingClient, trit
     client.client.async_stream_infer(triton_server.variant, inputs, request_id="two")
     _, _, error = client.next_event()
     assert error is not None and "one sequence per request" in error.message()
+
+
+# ---- the sampling controls (python_model.py's contract) ------------------------------------------------------
+
+
+def test_n_choices_stream_with_their_indexes_and_two_ends(
+    client: StreamingClient, chat_tokenizer: ChatTokenizer
+) -> None:
+    prompt = chat(chat_tokenizer, "Tell me a story about a cat.")
+    client.send("pair", prompt, max_tokens=6, n=2, temperature=0.9, seed=7)
+    pair = client.collect(["pair"], n=2)["pair"]
+    client.send("lone", prompt, max_tokens=6, temperature=0.9, seed=7)
+    lone = client.collect(["lone"])["lone"]
+    assert pair.error is None and sorted(i for i, _ in pair.ends) == [0, 1]
+    assert sorted(pair.indexes) == [0] * 6 + [1] * 6 and all(r == "length" for _, r in pair.ends)
+    choice0 = [t for t, i in zip(pair.tokens, pair.indexes, strict=True) if i == 0]
+    assert choice0 == lone.tokens  # choice 0 of a seeded request = the request of one with that seed
+    # Nothing follows the last end: a third response would be read by the next request's collect.
+    client.send("after", chat(chat_tokenizer, "Hi"), max_tokens=2)
+    after = client.collect(["after"])["after"]
+    assert after.error is None and after.finish_reason in ("stop", "length")
+
+
+def test_logprob_outputs(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    client.send("lp", chat(chat_tokenizer, "What is the capital of France?"), max_tokens=5, top_logprobs=3)
+    stream = client.collect(["lp"])["lp"]
+    assert stream.error is None and len(stream.tokens) == 5
+    for k in range(5):
+        logprob, top_ids, top_values = stream.logprobs[k], stream.top_ids[k], stream.top_logprobs[k]
+        assert logprob.shape == (1, 1) and top_ids.shape == (1, 3) and top_values.shape == (1, 3)
+        assert top_ids[0][0] == stream.tokens[k]  # greedy: the chosen token is the most likely one
+        assert logprob[0][0] == pytest.approx(top_values[0][0]) and list(top_values[0]) == sorted(top_values[0])[::-1]
+    assert stream.logprobs[-1].shape == (1, 0) and stream.top_ids[-1].shape == (1, 0)
+    client.send("plain", chat(chat_tokenizer, "What is the capital of France?"), max_tokens=2)
+    plain = client.collect(["plain"])["plain"]
+    assert all(lp.shape == (1, 0) for lp in plain.logprobs) and all(t.shape == (1, 0) for t in plain.top_ids)
+
+
+def test_stop_ids_bias_and_grammar(client: StreamingClient, chat_tokenizer: ChatTokenizer) -> None:
+    prompt = chat(chat_tokenizer, "What is the capital of France?")
+    client.send("free", prompt, max_tokens=8)
+    free = client.collect(["free"])["free"]
+    client.send("stopped", prompt, max_tokens=8, stop_token_ids=[free.tokens[2]])
+    stopped = client.collect(["stopped"])["stopped"]
+    assert stopped.finish_reason == "stop" and stopped.tokens == free.tokens[: free.tokens.index(free.tokens[2])]
+    client.send("biased", prompt, max_tokens=8, logit_bias_ids=[free.tokens[0]], logit_bias_values=[-100.0])
+    biased = client.collect(["biased"])["biased"]
+    assert biased.error is None and biased.tokens[0] != free.tokens[0]
+    grammar = (
+        '{"json_schema": {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 12}}, '
+        '"required": ["capital"], "additionalProperties": false}}'
+    )
+    client.send("json", prompt, max_tokens=30, grammar=grammar)
+    constrained = client.collect(["json"])["json"]
+    assert constrained.finish_reason == "stop", chat_tokenizer.decode(constrained.tokens)
+    assert set(__import__("json").loads(chat_tokenizer.decode(constrained.tokens))) == {"capital"}
+
+
+@pytest.mark.parametrize(
+    ("optional", "message"),
+    [
+        ({"n": 0}, "n must be in [1, 8]"),
+        ({"top_logprobs": 21}, "top_logprobs must be in [0, 20]"),
+        ({"logit_bias_ids": [1, 2], "logit_bias_values": [1.0]}, "must come together"),
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
+        ({"grammar": '{"json_schema": 3}'}, "json_schema must be"),
+    ],
+)
+def test_bad_control_input_is_an_invalid_request(
+    client: StreamingClient, optional: dict[str, Any], message: str
+) -> None:
+    client.send("bad", [1, 2, 3], max_tokens=3, **optional)
+    bad = client.collect(["bad"])["bad"]
+    assert bad.error is not None and bad.error.startswith("invalid request: ") and message in bad.error, bad.error

@@ -115,3 +115,52 @@ def test_semantic_layer_takes_single_turn_requests_only() -> None:
 )
 def test_semantic_lexical_guard(a: str, b: str, compatible: bool) -> None:
     assert lexically_compatible(a, b) is compatible
+
+
+def test_every_field_that_changes_the_output_changes_the_key() -> None:
+    from dataclasses import replace
+
+    from llmesh.types import OutputSpec, ResponseFormat, ToolCall, ToolChoice, ToolSpec
+
+    base = digest()
+    sampled = [
+        replace(GREEDY, presence_penalty=0.5),
+        replace(GREEDY, frequency_penalty=0.5),
+        replace(GREEDY, repetition_penalty=1.2),
+        replace(GREEDY, logit_bias=((42, -100.0),)),
+        replace(GREEDY, logit_bias=((42, 5.0),)),
+        replace(GREEDY, stop_token_ids=(7,)),
+        replace(GREEDY, logprobs=True),
+        replace(GREEDY, logprobs=True, top_logprobs=3),
+        replace(GREEDY, n=2),
+    ]
+    tool = ToolSpec("get_weather", "Weather of a city", '{"type":"object"}')
+    outputs = [
+        OutputSpec(response_format=ResponseFormat.JSON_OBJECT),
+        OutputSpec(response_format=ResponseFormat.JSON_SCHEMA, json_schema='{"type":"object"}'),
+        OutputSpec(response_format=ResponseFormat.JSON_SCHEMA, json_schema='{"type":"array"}'),
+        OutputSpec(tools=(tool,)),
+        OutputSpec(tools=(tool,), tool_choice=ToolChoice.REQUIRED),
+    ]
+    turns = [
+        (*USER, ChatMessage("assistant", "", (ToolCall("call_1", "get_weather", '{"city":"Paris"}'),))),
+        (*USER, ChatMessage("tool", "18 C", tool_call_id="call_1")),
+    ]
+    keys = [
+        *(digest(sampling=s) for s in sampled),
+        *(exact_digest(SCOPE, "small", USER, GREEDY, output) for output in outputs),
+        *(digest(messages=m) for m in turns),
+        exact_digest(SCOPE, "small", (), GREEDY, prompt="The capital of France is"),
+    ]
+    assert len({base, *keys}) == len(keys) + 1
+    # The plain output spec is the old key's shape: tool-free, format-free requests keep sharing entries.
+    assert exact_digest(SCOPE, "small", USER, GREEDY, OutputSpec()) == base
+
+
+def test_only_plain_single_turn_chat_is_semantic() -> None:
+    from llmesh.types import OutputSpec, ResponseFormat
+
+    assert semantic_query(SCOPE, "small", USER, GREEDY) is not None
+    json_mode = OutputSpec(response_format=ResponseFormat.JSON_OBJECT)
+    assert semantic_query(SCOPE, "small", USER, GREEDY, json_mode) is None
+    assert semantic_query(SCOPE, "small", USER, GREEDY, prompt="Once upon") is None

@@ -69,10 +69,10 @@ def test_batched_and_joined_greedy_equals_one_at_a_time(engine: Engine, chat_tok
         def __init__(self, i: int) -> None:
             self.i = i
 
-        def token(self, t: int) -> None:
+        def token(self, t: int, index: int = 0, logprob: object = None) -> None:
             sinks[self.i].append(t)
 
-        def finish(self, reason: str) -> None:
+        def finish(self, reason: str, index: int = 0, last: bool = True) -> None:
             results[self.i] = reason  # type: ignore[call-overload]
 
         def fail(self, message: str) -> None:
@@ -133,10 +133,10 @@ def test_cancellation_frees_blocks_and_the_other_stream_goes_on(
             self.reason = ""
             self.cancel = False
 
-        def token(self, t: int) -> None:
+        def token(self, t: int, index: int = 0, logprob: object = None) -> None:
             self.tokens.append(t)
 
-        def finish(self, reason: str) -> None:
+        def finish(self, reason: str, index: int = 0, last: bool = True) -> None:
             self.reason = reason
 
         def fail(self, message: str) -> None:
@@ -180,10 +180,10 @@ class _ListSink:
     def __init__(self, out: list[int]) -> None:
         self.out = out
 
-    def token(self, t: int) -> None:
+    def token(self, t: int, index: int = 0, logprob: object = None) -> None:
         self.out.append(t)
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, index: int = 0, last: bool = True) -> None:
         pass
 
     def fail(self, message: str) -> None:
@@ -280,3 +280,47 @@ def test_speculative_decoding_equals_plain_greedy(
     proposed, accepted = engine.stats.spec_proposed - before[0], engine.stats.spec_accepted - before[1]
     print(f"\nspeculative acceptance {accepted}/{proposed}")
     assert proposed > 0 and accepted / proposed > 0.5
+
+
+def test_a_json_schema_grammar_shapes_the_answer(small_engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    grammar = json.dumps({"json_schema": schema})
+    assert small_engine._grammar is None  # nothing compiled until a request asks for a grammar
+    prompt = chat(chat_tokenizer, "What is the capital of France? Answer as JSON.")
+    [free, constrained] = small_engine.generate(
+        [
+            GenerationRequest(prompt, EngineSampling(max_tokens=60)),
+            GenerationRequest(prompt, EngineSampling(max_tokens=60, grammar=grammar)),
+        ]
+    )
+    text = chat_tokenizer.decode(constrained.token_ids)
+    assert constrained.finish_reason == "stop", text
+    value = json.loads(text)
+    assert set(value) == {"city", "country"} and all(isinstance(v, str) and len(v) <= 20 for v in value.values())
+    assert free.token_ids != constrained.token_ids  # the grammar changed the answer (compact, these two keys)
+    with pytest.raises(RequestRejected, match="json_schema must be"):
+        small_engine.generate([GenerationRequest(prompt, EngineSampling(max_tokens=5, grammar='{"json_schema": 3}'))])
+
+
+def test_n_choices_with_logprobs_on_the_model(small_engine: Engine, chat_tokenizer: ChatTokenizer) -> None:
+    prompt = chat(chat_tokenizer, "Tell me a story about a cat.")
+    sampling = EngineSampling(max_tokens=8, temperature=0.9, seed=3, top_logprobs=2)
+    before = small_engine.stats.prefill_tokens
+    [pair] = small_engine.generate([GenerationRequest(prompt, sampling, n=2)])
+    assert small_engine.stats.prefill_tokens - before == len(prompt)  # the prompt is computed once
+    [lone] = small_engine.generate([GenerationRequest(prompt, sampling)])
+    assert pair.choices[0].token_ids == lone.token_ids and len(pair.choices) == 2
+    for choice in pair.choices:
+        assert len(choice.logprobs) == len(choice.token_ids) and all(len(lp.top_ids) == 2 for lp in choice.logprobs)
+        assert all(lp.logprob <= 0.0 for lp in choice.logprobs)
+    # choice 0's first logprob is the log-softmax of the prompt's raw logits
+    raw = small_engine.score(prompt).astype(np.float64)
+    log_softmax = raw - raw.max() - np.log(np.exp(raw - raw.max()).sum())
+    assert pair.choices[0].logprobs[0].logprob == pytest.approx(log_softmax[pair.choices[0].token_ids[0]], abs=1e-4)

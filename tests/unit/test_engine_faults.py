@@ -59,11 +59,11 @@ class Events:
         if method in self.raise_on:
             raise RuntimeError(f"sink.{method} broke")
 
-    def token(self, token_id: int) -> None:
+    def token(self, token_id: int, index: int = 0, logprob: object = None) -> None:
         self._maybe_raise("token")
         self.tokens.append(token_id)
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason, index: int = 0, last: bool = True) -> None:
         self._maybe_raise("finish")
         self.finals.append(("finish", reason))
 

@@ -7,7 +7,7 @@ from gateway import openai_compat
 from gateway.validation import RequestLimits
 from llmesh import errors
 from llmesh.errors import InvalidRequest
-from llmesh.types import RouteInfo, RouteKind, Usage
+from llmesh.types import ChatMessage, RouteInfo, RouteKind, Usage
 
 
 def body(**payload: object) -> bytes:
@@ -32,7 +32,7 @@ def test_parses_openai_request() -> None:
     )
     assert parsed.stream and parsed.include_usage
     f = parsed.fields
-    assert f.messages == [("system", "be brief"), ("user", "hi")]
+    assert f.messages == [ChatMessage("system", "be brief"), ChatMessage("user", "hi")]
     assert (f.max_tokens, f.temperature, f.seed, list(f.stop)) == (12, 0, 7, ["END"])
 
 
@@ -53,7 +53,7 @@ def test_max_completion_tokens_wins() -> None:
         (body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "only 'text'"),
         (body(messages=[], max_tokens="ten"), "max_tokens must be an integer, got a string"),
         (body(messages=[], max_tokens=True), "must be a number"),
-        (body(messages=[], n=2), "n must be 1"),
+        (body(messages=[], n="2"), "n must be an integer, got a string"),
         (body(messages=[], stream="yes"), "stream must be a boolean, got a string"),
     ],
 )
@@ -143,7 +143,7 @@ def test_lone_surrogates_are_refused_anywhere(body: str, param: str) -> None:
 
 def test_surrogate_pair_is_fine() -> None:
     parsed = openai_compat.parse_request(raw_body('{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'))
-    assert parsed.fields.messages == [("user", "\U0001f600")]
+    assert parsed.fields.messages == [ChatMessage("user", "\U0001f600")]
 
 
 @pytest.mark.parametrize("depth", [40, 5000, 200_000])
@@ -187,7 +187,7 @@ def test_null_means_default(field: str) -> None:
 )
 def test_null_message_fields_are_accepted(field: str) -> None:
     parsed = openai_compat.parse_request(body(messages=[{"role": "user", "content": "hi", field: None}]))
-    assert parsed.fields.messages == [("user", "hi")]
+    assert parsed.fields.messages == [ChatMessage("user", "hi")]
 
 
 def test_stream_options_null_include_usage() -> None:
@@ -195,26 +195,36 @@ def test_stream_options_null_include_usage() -> None:
     assert parsed.stream and not parsed.include_usage
 
 
-def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
+def test_neutral_values_are_accepted() -> None:
     neutral = {
         "tools": [], "tool_choice": "none", "logit_bias": {}, "logprobs": False, "top_logprobs": 0,
         "frequency_penalty": 0, "presence_penalty": 0.0, "response_format": {"type": "text"}, "modalities": ["text"],
         "store": False, "service_tier": "auto", "parallel_tool_calls": True, "metadata": {"team": "a"},
     }  # fmt: skip
-    assert openai_compat.parse_request(body(messages=HI, **neutral)).fields.messages == [("user", "hi")]
+    assert openai_compat.parse_request(body(messages=HI, **neutral)).fields.messages == [ChatMessage("user", "hi")]
 
 
 @pytest.mark.parametrize(
     ("payload", "param", "code"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-        ({"logprobs": True}, "logprobs", "unsupported_parameter"),
-        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+        ({"function_call": "auto"}, "function_call", "unsupported_parameter"),
+        ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+        ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type", "unsupported_parameter"),
+        ({"response_format": {"type": "grammar"}}, "response_format.type", "unsupported_parameter"),
         ({"audio": {"voice": "x"}}, "audio", "unsupported_parameter"),
+        ({"prediction": {"type": "content"}}, "prediction", "unsupported_parameter"),
+        ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+        ({"verbosity": "low"}, "verbosity", "unsupported_parameter"),
         ({"temprature": 0}, "temprature", "unknown_parameter"),
         ({"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "messages[0].colour", "unknown_parameter"),
-        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{}]}]}, "messages[0].tool_calls", None),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{}]}]},
+            "messages[0].tool_calls[0].function",
+            None,
+        ),
+        ({"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]}, "messages[0].audio", None),
     ],
 )
 def test_fields_llmesh_cannot_honour_are_refused_by_name(payload: dict[str, object], param: str, code: str) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import openai_compat
+from gateway import openai_compat, validation
 from gateway.validation import MAX_STOP_SEQUENCES, RequestLimits
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -45,6 +45,45 @@ def test_documented_limits_are_the_defaults(doc: dict[str, Any]) -> None:
     assert f"nests at most {limits.max_json_depth} levels" in description
     assert f"at most {limits.max_json_values} JSON values" in description
     assert f"longer than {openai_compat.MAX_INT_DIGITS} digits" in description
+
+
+def test_documented_bounds_of_tools_sampling_and_formats_are_the_checked_ones(doc: dict[str, Any]) -> None:
+    limits = RequestLimits()
+    schemas = doc["components"]["schemas"]
+    props = schemas["ChatCompletionRequest"]["properties"]
+    assert props["n"]["maximum"] == limits.max_n and props["n"]["minimum"] == 1
+    assert props["tools"]["maxItems"] == validation.MAX_TOOLS
+    assert props["logit_bias"]["maxProperties"] == validation.MAX_LOGIT_BIAS
+    bias = props["logit_bias"]["additionalProperties"]
+    assert (bias["minimum"], bias["maximum"]) == (-validation.MAX_LOGIT_BIAS_VALUE, validation.MAX_LOGIT_BIAS_VALUE)
+    assert props["top_logprobs"]["maximum"] == validation.MAX_TOP_LOGPROBS
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        assert (props[penalty]["minimum"], props[penalty]["maximum"]) == (
+            -validation.MAX_PENALTY,
+            validation.MAX_PENALTY,
+        )
+    assert props["repetition_penalty"]["maximum"] == validation.MAX_REPETITION_PENALTY
+    assert props["stop_token_ids"]["maxItems"] == validation.MAX_STOP_TOKEN_IDS
+    name_pattern = f"^{validation.NAME_PATTERN.pattern}$"
+    function = schemas["Tool"]["properties"]["function"]["properties"]
+    assert function["name"]["pattern"] == name_pattern
+    assert function["description"]["maxLength"] == limits.max_schema_chars
+    assert f"at most {limits.max_schema_chars} characters" in function["parameters"]["description"]
+    json_schema = props["response_format"]["oneOf"][2]["properties"]["json_schema"]["properties"]
+    assert json_schema["name"]["pattern"] == name_pattern
+    assert f"at most {limits.max_schema_chars} characters" in json_schema["schema"]["description"]
+    message = schemas["Message"]["properties"]
+    assert "tool" in message["role"]["enum"]
+    assert message["tool_calls"]["maxItems"] == validation.MAX_TOOL_CALLS
+    assert message["tool_call_id"]["maxLength"] == limits.max_field_chars
+    finish = schemas["ChatCompletion"]["properties"]["choices"]["items"]["properties"]["finish_reason"]["enum"]
+    assert set(finish) == {"stop", "length", "tool_calls"}
+
+
+def test_the_doc_says_which_requests_bypass_the_response_cache(doc: dict[str, Any]) -> None:
+    text = " ".join(doc["info"]["description"].split())
+    assert "(n > 1), for logprobs, or that offer tools the model may call" in text and "bypass it" in text
+    assert "prompt + n * max_tokens" in text
 
 
 def test_every_error_is_the_openai_error_object(doc: dict[str, Any]) -> None:

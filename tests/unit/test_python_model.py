@@ -254,3 +254,138 @@ def test_unloading_ends_open_requests_and_refuses_new_ones(pm: Any) -> None:
     assert flags == FINAL and err.error.code == "INTERNAL" and err.error.message.startswith("generation failed: ")
     m.finalize()
     assert not engine.has_work()
+
+
+# ---- the sampling controls' inputs and outputs --------------------------------------------------------------
+
+
+def controls_request(rid: str, ids: list[int], max_tokens: int, **inputs: Any) -> FakeRequest:
+    """A request with extra inputs given as (value, dtype) or arrays; scalars become [1, 1], lists [1, K]."""
+    r = request(rid, ids, max_tokens)
+    for name, value in inputs.items():
+        if isinstance(value, np.ndarray):
+            r.inputs[name] = value
+        else:
+            data, dtype = value
+            r.inputs[name] = np.array([data if isinstance(data, list) else [data]], dtype=dtype)
+    return r
+
+
+def test_rendered_config_passes_validation(pm: Any) -> None:
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from triton_models.catalogue import SMOLLM2_VARIANTS
+    from triton_models.config import BuildSettings
+    from triton_models.repository import render_config
+
+    settings = BuildSettings(variants=SMOLLM2_VARIANTS)
+    config = text_format.Parse(render_config(settings, settings.variant), model_config_pb2.ModelConfig())
+    as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    pm.validate_config(as_dict)
+    assert {i["name"] for i in as_dict["input"]} == set(pm.EXPECTED_INPUTS)
+    assert {o["name"] for o in as_dict["output"]} == set(pm.EXPECTED_OUTPUTS)
+    del as_dict["output"][-1]
+    with pytest.raises(ValueError, match="output 'top_logprobs' is missing"):
+        pm.validate_config(as_dict)
+
+
+def test_every_control_input_reaches_the_engine(pm: Any) -> None:
+    r = controls_request(
+        "r",
+        [1, 2],
+        7,
+        presence_penalty=(0.5, np.float32),
+        frequency_penalty=(-0.25, np.float32),
+        repetition_penalty=(1.5, np.float32),
+        logit_bias_ids=([3, 9], np.int64),
+        logit_bias_values=([2.0, -100.0], np.float32),
+        top_logprobs=(4, np.int32),
+        stop_token_ids=([11, 12], np.int64),
+        n=(3, np.int32),
+        grammar=np.array([[b'{"json_object": true}']], dtype=np.object_),
+    )
+    parsed = pm.parse_request(r)
+    s = parsed.sampling
+    assert parsed.n == 3 and s.max_tokens == 7
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.25, 1.5)
+    assert s.logit_bias == ((3, 2.0), (9, -100.0)) and s.top_logprobs == 4
+    assert s.stop_token_ids == frozenset({11, 12}) and s.grammar == '{"json_object": true}'
+    plain = pm.parse_request(request("p", [1, 2], 3)).sampling
+    assert plain.plain and plain.top_logprobs is None and plain.stop_token_ids == frozenset()
+
+
+def test_n_choices_stream_with_their_index_and_the_last_end_is_final(pm: Any) -> None:
+    engine, _ = make_engine()
+    r = controls_request("r", [1, 2, 3], 4, n=(2, np.int32), temperature=(1.0, np.float32), seed=(5, np.int64))
+    model(pm, engine).execute([r])
+    drain(engine)
+    tokens = [(resp.outputs["index"][0][0], flags) for resp, flags in r.sender.sent if resp.outputs["token_ids"].size]
+    ends = [
+        (int(resp.outputs["index"][0][0]), resp.outputs["finish_reason"][0][0], flags)
+        for resp, flags in r.sender.sent
+        if not resp.outputs["token_ids"].size
+    ]
+    assert sorted(int(i) for i, _ in tokens) == [0] * 4 + [1] * 4 and all(f == 0 for _, f in tokens)
+    assert sorted(i for i, _, _ in ends) == [0, 1] and [r for _, r, _ in ends] == [b"length", b"length"]
+    assert [f for _, _, f in ends] == [0, FINAL] and r.sender.sent[-1][1] == FINAL
+    for resp, _ in r.sender.sent:  # no logprobs asked: empty ones on every response
+        assert resp.outputs["logprob"].shape == (1, 0) and resp.outputs["top_token_ids"].shape == (1, 0)
+        assert resp.outputs["top_logprobs"].shape == (1, 0) and resp.outputs["index"].dtype == np.int32
+
+
+def test_one_choice_ends_exactly_as_before(pm: Any) -> None:
+    engine, _ = make_engine()
+    r = request("r", [1, 2, 3], 3)
+    model(pm, engine).execute([r])
+    drain(engine)
+    assert [f for _, f in r.sender.sent] == [0, 0, 0, FINAL]
+    final = r.sender.sent[-1][0].outputs
+    assert final["token_ids"].shape == (1, 0) and final["finish_reason"][0][0] == b"length"
+    assert final["index"].tolist() == [[0]]
+
+
+def test_logprob_outputs(pm: Any) -> None:
+    engine, _ = make_engine()
+    r = controls_request("r", [1, 2, 3], 3, top_logprobs=(2, np.int32))
+    model(pm, engine).execute([r])
+    drain(engine)
+    *tokens, (final, _) = r.sender.sent
+    for resp, _ in tokens:
+        out = resp.outputs
+        assert out["logprob"].shape == (1, 1) and out["logprob"].dtype == np.float32
+        assert out["top_token_ids"].shape == (1, 2) and out["top_logprobs"].shape == (1, 2)
+        # The fake model puts 10.0 on its token and 0 elsewhere: the chosen token is the top one.
+        assert out["top_token_ids"][0][0] == out["token_ids"][0][0]
+        assert out["logprob"][0][0] == pytest.approx(out["top_logprobs"][0][0]) and out["logprob"][0][0] < 0
+    assert final.outputs["logprob"].shape == (1, 0) and final.outputs["top_token_ids"].shape == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"logit_bias_ids": ([1, 2], np.int64)}, "logit_bias_ids and logit_bias_values must come together"),
+        (
+            {"logit_bias_ids": ([1, 2], np.int64), "logit_bias_values": ([1.0], np.float32)},
+            "logit_bias_ids and logit_bias_values must come together",
+        ),
+        ({"logit_bias_ids": ([3], np.int64), "logit_bias_values": ([1000.0], np.float32)}, "logit_bias values"),
+        ({"logit_bias_ids": ([64], np.int64), "logit_bias_values": ([1.0], np.float32)}, "outside [0, 64)"),
+        ({"top_logprobs": (21, np.int32)}, "top_logprobs must be in [0, 20]"),
+        ({"n": (0, np.int32)}, "n must be in [1, 8]"),
+        ({"n": (9, np.int32)}, "n must be in [1, 8]"),
+        ({"presence_penalty": (-3.0, np.float32)}, "presence_penalty must be in [-2, 2]"),
+        ({"repetition_penalty": (0.0, np.float32)}, "repetition_penalty must be in (0, 2]"),
+        ({"stop_token_ids": np.array([1, 2], dtype=np.int64)}, "stop_token_ids must have shape [1, K]"),
+        ({"grammar": np.array([[b"\xff"]], dtype=np.object_)}, "grammar is not valid UTF-8"),
+        ({"grammar": np.array([[b'{"json_object": true}']], dtype=np.object_)}, "does not support grammar"),
+    ],
+)
+def test_bad_control_inputs_are_invalid_requests(pm: Any, inputs: dict[str, Any], message: str) -> None:
+    engine, _ = make_engine()  # no grammar compiler: a grammar is refused
+    r = controls_request("bad", [1, 2, 3], 3, **inputs)
+    model(pm, engine).execute([r])
+    [(err, flags)] = r.sender.sent
+    assert flags == FINAL and err.error is not None and err.error.code == "INVALID_ARG"
+    assert err.error.message.startswith("invalid request: ") and message in err.error.message
+    assert not engine.has_work()

@@ -21,7 +21,13 @@ class FakeReplica:
         return variant in self.ready_variants
 
     async def stream(
-        self, variant: str, request_id: str, input_ids: Sequence[int], sampling: SamplingParams, tier: Tier
+        self,
+        variant: str,
+        request_id: str,
+        input_ids: Sequence[int],
+        sampling: SamplingParams,
+        tier: Tier,
+        grammar: str = "",
     ) -> AsyncIterator[TokenChunk]:
         yield TokenChunk((), "stop")
 

@@ -91,10 +91,10 @@ class Recorder:
     cancel: bool = False
     error: str | None = None
 
-    def token(self, token_id: int) -> None:
+    def token(self, token_id: int, index: int = 0, logprob: object = None) -> None:
         self.tokens.append(token_id)
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason, index: int = 0, last: bool = True) -> None:
         assert self.reason is None, "finished twice"
         self.reason = reason
 

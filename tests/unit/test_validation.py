@@ -116,6 +116,10 @@ def test_limits_come_from_gateway_settings() -> None:
     settings = GatewaySettings(max_field_chars=10, max_body_bytes=99, max_json_depth=4, max_messages=3)
     limits = RequestLimits.of(settings)
     assert (limits.max_field_chars, limits.max_body_bytes, limits.max_json_depth, limits.max_messages) == (10, 99, 4, 3)
+    limits = RequestLimits.of(GatewaySettings(max_n=8, max_schema_chars=1000))
+    assert (limits.max_n, limits.max_schema_chars) == (8, 1000)
+    defaults = RequestLimits.of(GatewaySettings())
+    assert (defaults.max_n, defaults.max_schema_chars) == (RequestLimits().max_n, RequestLimits().max_schema_chars)
 
 
 def test_mesh_error_messages_are_capped() -> None:

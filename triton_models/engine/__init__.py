@@ -2,8 +2,9 @@
 
 Parts, bottom up (each module's docstring has the details):
 
-  requests      GenerationRequest, EngineSampling, RequestRejected, the Sink contract, per-sequence state
-  sampler       next token from one row of logits (greedy, temperature, top-k, top-p)
+  requests      GenerationRequest, EngineSampling, RequestRejected, the Sink contract, per-sequence (per-choice) state
+  sampler       next token from one row of logits (bias, penalties, greedy, temperature, top-k, top-p), logprobs
+  grammar       grammar-constrained decoding (llguidance), loaded on the first constrained request
   kv_pool       KV memory: one anonymous mapping, a slot per sequence, pages handed back on release
   runner        the Runner protocol (one graph call over a range of slots) and ModelRunner (onnxruntime)
   kv_blocks     the KV block budget
@@ -23,6 +24,7 @@ from triton_models.engine.requests import (
     GenerationResult,
     RequestRejected,
     Sink,
+    TokenLogprob,
 )
 from triton_models.engine.runner import MODEL_FILE, ModelRunner, Runner
 from triton_models.engine.sampler import Sampler
@@ -47,4 +49,5 @@ __all__ = [
     "Sampler",
     "Scheduler",
     "Sink",
+    "TokenLogprob",
 ]

@@ -14,12 +14,15 @@ import numpy as np
 from llmesh.model_artifact import ModelMetadata
 from triton_models.engine.kv_pool import KVPool
 from triton_models.engine.requests import (
+    Choices,
     CollectingSink,
+    ConstraintCompiler,
     GenerationRequest,
     GenerationResult,
     RequestRejected,
     Seq,
     Sink,
+    TokenConstraint,
 )
 from triton_models.engine.runner import MODEL_FILE, Float32Array, ModelRunner, Runner
 from triton_models.engine.scheduler import Scheduler
@@ -28,6 +31,13 @@ from triton_models.engine.settings import EngineConfig, EngineStats
 log = logging.getLogger(__name__)
 
 STOPPED_MESSAGE = "generation failed: the engine stopped"
+
+# Client-facing bounds of the sampling controls (OpenAI's, and vLLM's for repetition_penalty).
+PENALTY_RANGE = (-2.0, 2.0)
+REPETITION_RANGE = (0.0, 2.0)  # (low, high]
+BIAS_RANGE = (-100.0, 100.0)
+MAX_BIAS_ENTRIES = 300
+MAX_TOP_LOGPROBS = 20
 
 
 class EngineStopped(RuntimeError):
@@ -38,7 +48,14 @@ class Engine:
     """Continuous batching over one Runner (scheduler.py). `submit` may be called from any thread; `run` (or
     `step`, `generate`, `score`) from one engine thread."""
 
-    def __init__(self, runner: Runner, config: EngineConfig, draft: Runner | None = None) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        config: EngineConfig,
+        draft: Runner | None = None,
+        grammar: Callable[[], ConstraintCompiler] | None = None,
+    ) -> None:
+        """`grammar` builds the grammar compiler on the first constrained request (None: grammars are refused)."""
         self.runner = runner
         self.config = config
         self.draft = draft if config.speculative_k > 0 else None
@@ -50,6 +67,9 @@ class Engine:
         self._wake = threading.Condition()
         self._ids = 0
         self._stopped = False
+        self._grammar_factory = grammar
+        self._grammar: ConstraintCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     @property
     def stats(self) -> EngineStats:
@@ -79,7 +99,8 @@ class Engine:
                 log.warning(
                     "draft model %s not found next to %s: speculative decoding is off", config.draft, version_dir
                 )
-        return cls(ModelRunner(session, metadata, pool, pad_single_row=bool(config.draft)), config, draft)
+        runner = ModelRunner(session, metadata, pool, pad_single_row=bool(config.draft))
+        return cls(runner, config, draft, grammar=lambda: _grammar_compiler(version_dir))
 
     # ---- requests (any thread) --------------------------------------------------------------------------
 
@@ -111,23 +132,80 @@ class Engine:
             raise RequestRejected(f"top_p must be in (0, 1], got {params.top_p}")
         if params.top_k < 0:
             raise RequestRejected(f"top_k must be >= 0, got {params.top_k}")
+        self._validate_controls(request)
+
+    def _validate_controls(self, request: GenerationRequest) -> None:
+        params, vocab = request.sampling, self.metadata.vocab_size
+        if not 1 <= request.n <= self.config.max_choices:
+            raise RequestRejected(f"n must be in [1, {self.config.max_choices}], got {request.n}")
+        low, high = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(params, name)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise RequestRejected(f"{name} must be in [{low:g}, {high:g}], got {value}")
+        low, high = REPETITION_RANGE
+        if not (math.isfinite(params.repetition_penalty) and low < params.repetition_penalty <= high):
+            raise RequestRejected(f"repetition_penalty must be in ({low:g}, {high:g}], got {params.repetition_penalty}")
+        if len(params.logit_bias) > MAX_BIAS_ENTRIES:
+            raise RequestRejected(f"logit_bias has {len(params.logit_bias)} entries, at most {MAX_BIAS_ENTRIES}")
+        low, high = BIAS_RANGE
+        for token, bias in params.logit_bias:
+            if not 0 <= token < vocab:
+                raise RequestRejected(f"logit_bias token id {token} is outside [0, {vocab})")
+            if not (math.isfinite(bias) and low <= bias <= high):
+                raise RequestRejected(f"logit_bias values must be in [{low:g}, {high:g}], got {bias}")
+        if params.top_logprobs is not None and not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestRejected(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}")
+        bad = sorted(t for t in params.stop_token_ids if not 0 <= t < vocab)
+        if bad:
+            raise RequestRejected(f"stop_token_ids has ids outside [0, {vocab}): {bad[:5]}")
+
+    def _constraints(self, request: GenerationRequest) -> list[TokenConstraint | None]:
+        """One grammar state per choice (compiled once per distinct grammar text); RequestRejected if refused."""
+        grammar = request.sampling.grammar
+        if grammar is None:
+            return [None] * request.n
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self._grammar_factory is None:
+                    raise RequestRejected("this model does not support grammar-constrained generation")
+                self._grammar = self._grammar_factory()
+            compiler = self._grammar
+        try:
+            return [compiler.constraint(grammar) for _ in range(request.n)]
+        except ValueError as exc:  # grammar.GrammarError: the message is meant for the client
+            raise RequestRejected(str(exc)) from None
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request (thread-safe); raises RequestRejected (or EngineStopped) before queueing anything."""
         self.validate(request)
+        constraints = self._constraints(request)
+        seed = request.sampling.seed
+        choices = Choices(sink, request.n)
         with self._wake:
             if self._stopped:
                 raise EngineStopped("the engine has stopped")
-            self._ids += 1
-            seq = Seq(
-                id=self._ids,
-                request=request,
-                sink=sink,
-                rng=np.random.default_rng(request.sampling.seed),
-                tokens=[int(t) for t in request.prompt_ids],
-                arrival=self._ids,
-            )
-            self._inbox.append(seq)
+            arrival = self._ids + 1
+            seqs = []
+            for index in range(request.n):
+                self._ids += 1
+                # Choice 0 draws from the seed exactly as a request of one does; choice i from (seed, i).
+                rng = np.random.default_rng(seed if index == 0 or seed is None else [seed, index])
+                seqs.append(
+                    Seq(
+                        id=self._ids,
+                        request=request,
+                        sink=sink,
+                        rng=rng,
+                        tokens=[int(t) for t in request.prompt_ids],
+                        arrival=arrival,
+                        index=index,
+                        choices=choices,
+                        constraint=constraints[index],
+                    )
+                )
+            choices.unforked = seqs[1:]  # they copy choice 0's KV once its prompt is computed
+            self._inbox.append(seqs[0])
             self._wake.notify()
 
     def wake(self) -> None:
@@ -173,7 +251,7 @@ class Engine:
         results = [GenerationResult() for _ in requests]
         for i, request in enumerate(requests):
             callback = None if on_token is None else (lambda token, i=i: on_token(i, token))  # type: ignore[misc]
-            self.submit(request, CollectingSink(results[i], callback))
+            self.submit(request, CollectingSink(results[i], callback, request.n))
         while self.has_work():
             self.step()
         return results
@@ -194,3 +272,10 @@ class Engine:
 
     def close(self) -> None:
         self.runner.pool.close()
+
+
+def _grammar_compiler(version_dir: Path) -> ConstraintCompiler:
+    # Imported here: llguidance loads only for a model that gets a constrained request.
+    from triton_models.engine.grammar import GrammarCompiler
+
+    return GrammarCompiler.from_model_dir(version_dir)

@@ -5,6 +5,12 @@ accounted in blocks against the budget (kv_blocks.py); admission waits when it i
 that cannot grow preempts the newest running one (recomputed later from its tokens). Finished sequences stay in
 an LRU prefix cache (prefix_cache.py) that newcomers with the same leading tokens copy from.
 
+Sampling: a row without per-request controls goes straight to the Sampler; one with logit_bias, penalties,
+logprobs or a grammar is sampled from a controlled copy (sampler.controlled_logits, then the grammar mask), its
+logprobs taken from the raw row. A request of n choices queues choice 0 only; when its prompt is computed the
+other choices fork from its K/V (SlotTable.fork) and sample their first token from the same logits, then every
+choice runs as a sequence of its own. Speculative rounds are for plain greedy rows only.
+
 Fault isolation: whatever raises while the scheduler works for some requests (cancellation check, admission,
 slot claim, a prefill/decode/draft/verify call, sampling, a sink) ends exactly those requests with an error,
 puts slots and blocks back in order and lets the others go on. Only if that repair itself fails does the step
@@ -20,9 +26,9 @@ import numpy as np
 
 from triton_models.engine.kv_blocks import BlockBudget
 from triton_models.engine.prefix_cache import PrefixCache
-from triton_models.engine.requests import FinishReason, Seq
+from triton_models.engine.requests import FinishReason, Seq, TokenLogprob
 from triton_models.engine.runner import Float32Array, Runner
-from triton_models.engine.sampler import Sampler
+from triton_models.engine.sampler import Sampler, controlled_logits, token_logprob
 from triton_models.engine.settings import EngineConfig, EngineStats
 from triton_models.engine.slots import SlotError, SlotTable
 from triton_models.engine.speculative import SpeculativeDecoder
@@ -113,6 +119,13 @@ class Scheduler:
             self.slots.release(seq)
         self.stats.finished += 1
         seq.close(reason)
+        choices = seq.group
+        if choices.unforked:  # choice 0 ended before its prompt was computed
+            siblings, choices.unforked = choices.unforked, []
+            for sibling in siblings:
+                sibling.done = True
+                self.stats.finished += 1
+                sibling.close(reason)
 
     def _contain(self, seqs: Sequence[Seq], what: str, exc: Exception) -> None:
         """A fault while working for `seqs`: they end with the error, slots and blocks are put back in order,
@@ -144,7 +157,8 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for seq in [*self.running, *self.prefilling, *self.waiting]:
             try:
-                if seq.sink.cancelled():
+                # A request that already had its final call (another choice failed) is over for every choice.
+                if seq.group.closed or seq.sink.cancelled():
                     self._finish(seq, "cancelled")
             except Exception as exc:
                 self._contain([seq], "cancellation", exc)
@@ -197,18 +211,38 @@ class Scheduler:
     # ---- decode -----------------------------------------------------------------------------------------
 
     def _emit(self, seq: Seq, logits: Float32Array) -> bool:
-        """Sample seq's next token; returns True if the sequence goes on."""
-        return self._accept(seq, Sampler.sample(logits, seq.sampling, seq.rng))
+        """Sample seq's next token; returns True if the sequence goes on. `logits` is only read (n choices
+        sample from one prefill row)."""
+        params = seq.sampling
+        if seq.plain:
+            return self._accept(seq, Sampler.sample(logits, params, seq.rng))
+        row = controlled_logits(logits, params, seq.history)
+        if seq.constraint is not None:
+            seq.constraint.apply(row)
+        token = Sampler.sample(row, params, seq.rng)
+        logprob = None if params.top_logprobs is None else token_logprob(logits, token, params.top_logprobs)
+        return self._accept(seq, token, logprob)
 
-    def _accept(self, seq: Seq, token: int) -> bool:
-        if token in self.eos_token_ids:
+    def _accept(self, seq: Seq, token: int, logprob: TokenLogprob | None = None) -> bool:
+        params = seq.sampling
+        if seq.group.closed:  # another choice of this request failed: the request is over
+            self._finish(seq, "cancelled")
+            return False
+        if token in self.eos_token_ids or token in params.stop_token_ids:
             self._finish(seq, "stop")
             return False
+        if seq.constraint is not None:
+            seq.constraint.advance(token)  # before the token leaves: a refused token is never streamed
+        if seq.history is not None:
+            seq.history.add(token)
         seq.tokens.append(token)
         seq.generated += 1
         self.stats.generated_tokens += 1
-        seq.sink.token(token)
-        if seq.generated >= seq.sampling.max_tokens:
+        seq.sink.token(token, seq.index, logprob)
+        if seq.constraint is not None and seq.constraint.is_finished():
+            self._finish(seq, "stop")  # the grammar is complete: nothing may follow
+            return False
+        if seq.generated >= params.max_tokens:
             self._finish(seq, "length")
             return False
         return True
@@ -267,7 +301,7 @@ class Scheduler:
     def _speculate(self, seq: Seq) -> bool:
         """One speculative round (speculative.py) if it applies; False when it does not."""
         spec = self.speculative
-        if spec is None or seq.sampling.temperature != 0.0 or self.prefilling or self.waiting:
+        if spec is None or seq.sampling.temperature != 0.0 or not seq.plain or self.prefilling or self.waiting:
             return False  # newcomers first: a round is ~k times longer than a step
         config = self.config
         if seq.spec_acceptance < config.speculative_min_acceptance:
@@ -310,10 +344,34 @@ class Scheduler:
                 continue  # one chunk of a longer prompt
             try:
                 self.prefilling.remove(seq)
+                self._fork(seq, logits[i])
                 if self._emit(seq, logits[i]):
                     self._join_running(seq)
             except Exception as exc:
                 self._contain([seq], "prefill", exc)
+
+    def _fork(self, seq: Seq, logits: Float32Array) -> None:
+        """seq's prompt is computed: its request's other choices copy its K/V and sample their first token from
+        the same logits, each with its own RNG. A choice without room now (running rows, blocks) waits and
+        computes the prompt itself later."""
+        choices = seq.group
+        if not choices.unforked:
+            return
+        siblings, choices.unforked = choices.unforked, []
+        for sibling in siblings:
+            try:
+                # + 1: seq joins the running rows too
+                if len(self.running) + len(self.prefilling) + 1 < self.config.max_running and self.slots.reserve(
+                    sibling, seq.kv_len + 1
+                ):
+                    self.slots.fork(seq, sibling, len(self.running))
+                    self.stats.forks += 1
+                    if self._emit(sibling, logits):
+                        self._join_running(sibling)
+                else:
+                    self.waiting.append(sibling)
+            except Exception as exc:
+                self._contain([sibling], "fork", exc)
 
     def _prefill_group(self, head: Seq) -> list[Seq]:
         """Whole short prompts without cached prefixes, batched right-padded to the longest (head first)."""

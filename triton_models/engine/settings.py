@@ -22,9 +22,10 @@ class EngineConfig:
     # 0.74x at 44% on prose), so it decodes plainly and tries a round again every `speculative_retry_steps` steps.
     speculative_min_acceptance: float = 0.6
     speculative_retry_steps: int = 16
+    max_choices: int = 8  # n choices per request at most
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "kv_budget_tokens", "block_size", "prefill_chunk"):
+        for name in ("max_running", "kv_budget_tokens", "block_size", "prefill_chunk", "max_choices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_cached < 0:
@@ -44,7 +45,7 @@ class EngineStats:
     kv_bytes_per_block: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
-    prefill_tokens: int = 0  # computed
+    prefill_tokens: int = 0  # computed (a prompt of n choices once: the siblings copy choice 0's KV)
     prefill_tokens_saved: int = 0  # reused from the prefix cache
     generated_tokens: int = 0
     preemptions: int = 0
@@ -52,6 +53,7 @@ class EngineStats:
     prefill_calls: int = 0
     finished: int = 0
     failed: int = 0  # requests ended by an error (a fault in their step, or the engine stopping)
+    forks: int = 0  # choices that copied a sibling's computed prompt instead of computing it
     spec_rounds: int = 0
     spec_proposed: int = 0  # draft tokens proposed
     spec_accepted: int = 0  # draft tokens the target agreed with

@@ -70,6 +70,16 @@ class SlotTable:
         seq.slot = slot
         self.owners[slot] = seq
 
+    def fork(self, src: Seq, seq: Seq, low: int) -> None:
+        """Give `seq` (another choice of src's request, its blocks reserved already) a slot holding a copy of
+        src's computed K/V, like a prefix-cache hit that reuses the whole prompt."""
+        if src.slot is None:
+            raise SlotError(f"sequence {src.id} has no slot to fork from")
+        slot = self.claim(low)
+        self.assign(seq, slot)
+        self.pool.copy(src.slot, slot, src.kv_len)
+        seq.kv_len = src.kv_len
+
     def regroup(self, seqs: list[Seq], start: int) -> None:
         """Give `seqs`, none with K/V computed yet, the consecutive slots start, start + 1, ... (bookkeeping only)."""
         for seq in seqs:
