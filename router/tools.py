@@ -132,6 +132,12 @@ class ToolCallParser:
 
     def __init__(self, tool_names: Sequence[str], forced: bool = False) -> None:
         self._names = frozenset(tool_names)
+        # Small models often answer a tool request with the call's JSON alone, without the tags (Qwen2.5-Coder-0.5B
+        # nearly always does: a bare or ```json-fenced {"name": ..., "arguments": ...}). An answer that opens like
+        # that is held back whole; at its end it becomes calls when all of it is calls of offered tools, else text.
+        self._bare: str | None = None  # the held answer, while it may be bare calls
+        self._opened = False  # the answer's opening is decided (bare calls or not)
+        self._opening = ""  # its first characters until then
         # Calls forced by a grammar (tool_choice "required" or a function): the answer has no text, so what is not
         # a complete call (a block cut short by max_tokens) is withheld too.
         self._forced = forced
@@ -143,6 +149,19 @@ class ToolCallParser:
         self.calls_made = 0
 
     def feed(self, text: str) -> list[Segment]:
+        if self._bare is not None:
+            self._bare += text
+            return []
+        if not self._opened and not self._forced:
+            self._opening += text
+            head = self._opening.lstrip()
+            if not head or (len(head) < 3 and "```".startswith(head)):
+                return []  # not decided yet
+            self._opened = True
+            text, self._opening = self._opening, ""
+            if head.startswith(("{", "[", "```")):
+                self._bare = text
+                return []
         self._buffer += text
         out: list[Segment] = []
         while True:
@@ -179,6 +198,21 @@ class ToolCallParser:
 
     def flush(self) -> list[Segment]:
         """The end of the choice: an unfinished block is text; whitespace after the last call is dropped."""
+        if not self._opened and self._opening:
+            self._opened = True
+            opening, self._opening = self._opening, ""
+            return [*self.feed(opening), *self.flush()]
+        if self._bare is not None:
+            held, self._bare = self._bare, None
+            calls = self._bare_calls(held)
+            if calls:
+                start, self._start = self._start, self._start + len(held)
+                self.calls_made += len(calls)
+                # The first call spans the whole answer (its tokens' logprobs are withheld with it).
+                return [Segment(start, self._start, call=calls[0])] + [
+                    Segment(self._start, self._start, call=call) for call in calls[1:]
+                ]
+            return [*self.feed(held), *self.flush()]
         out = self._visible(self._buffer, self._start)
         self._advance(len(self._buffer))
         self._inside = False
@@ -209,6 +243,26 @@ class ToolCallParser:
         self._spaces = text[len(stripped) :]
         self._spaces_start = start + len(stripped)
         return out
+
+    def _bare_calls(self, answer: str) -> list[ToolCall]:
+        """The calls a whole answer holds when it is nothing but calls of offered tools: one call object, a list of
+        them, or either in one ``` fence (with or without a language); else none."""
+        body = answer.strip()
+        if body.startswith("```"):
+            if not body.endswith("```") or len(body) < 6:
+                return []
+            body = body[3:-3]
+            first_line, _, rest = body.partition("\n")
+            body = rest if first_line.strip().isalpha() or not first_line.strip() else body
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            return []
+        items = value if isinstance(value, list) else [value]
+        calls = [self._parse(json.dumps(item)) for item in items]
+        if not items or any(call is None for call in calls):
+            return []
+        return [call for call in calls if call is not None]
 
     def _parse(self, inner: str) -> ToolCall | None:
         try:

@@ -129,4 +129,4 @@ def test_each_tier_model_answers_when_pinned(tiers_mesh: RunningMesh) -> None:
 
 def test_model_repository_is_the_default_build(tiers_triton: TritonServer) -> None:
     served = {p.name for p in Path(tiers_triton.model_repository).iterdir() if p.is_dir()}
-    assert served == {SMALL, MEDIUM, LARGE}
+    assert served == {SMALL, MEDIUM, LARGE, "all-minilm-l6-v2"}  # the three tiers and the embedding model

@@ -92,6 +92,46 @@ def test_plain_text_passes_through_with_its_whitespace_and_near_miss_tags() -> N
     assert calls == [] and text == sample
 
 
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [BARE, "  " + BARE + "\n", "```json\n" + BARE + "\n```", "```\n" + BARE + "\n```", "[" + BARE + "]"],
+)
+def test_an_answer_that_is_only_a_call_without_tags_is_a_call(answer: str) -> None:
+    text, calls, made = run_parser(char_pieces(answer))
+    assert text == "" and made == 1
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_an_answer_of_two_bare_calls_is_two_calls() -> None:
+    _, calls, made = run_parser(char_pieces("[" + BARE + ", " + BARE.replace("Paris", "Rome") + "]"))
+    assert made == 2 and [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        '{"name": "launch_missiles", "arguments": {}}',  # not an offered tool
+        '{"city": "Paris", "temperature": 18}',  # JSON, but not a call
+        BARE + " and then some text",
+        "```python\nprint('hi')\n```",
+        "[" + BARE + ", 3]",  # a list with something else in it
+        "{not json",
+    ],
+)
+def test_an_answer_that_only_looks_like_a_call_stays_text(answer: str) -> None:
+    text, calls, made = run_parser(char_pieces(answer))
+    assert calls == [] and made == 0 and text == answer
+
+
+def test_forced_calls_do_not_take_bare_answers() -> None:
+    parser = ToolCallParser(["get_weather"], forced=True)
+    segments = parser.feed(BARE) + parser.flush()
+    assert parser.calls_made == 0 and all(s.call is None for s in segments)
+
+
 def test_template_messages_and_tools_have_the_openai_shape() -> None:
     messages = [
         ChatMessage("user", "weather?"),

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from triton_models.engine.kv_blocks import BlockBudget
 from triton_models.engine.prefix_cache import PrefixCache
@@ -285,7 +286,10 @@ class Scheduler:
         ids = np.array([[s.tokens[-1]] for s in rows], dtype=np.int64)
         lengths = np.array([s.kv_len for s in rows], dtype=np.int32)  # after this step: kv_len + 1 tokens
         try:
-            logits = self.runner.forward(0, ids, lengths, np.arange(len(rows), dtype=np.int64))
+            if len(rows) == 1 and rows[0].sampling.seed is not None and rows[0].sampling.temperature > 0.0:
+                logits = self._forward_beside_scratch(ids, lengths)
+            else:
+                logits = self.runner.forward(0, ids, lengths, np.arange(len(rows), dtype=np.int64))
         except Exception as exc:
             self._contain(rows, "decode call", exc)
             return
@@ -297,6 +301,27 @@ class Scheduler:
                 self._emit(seq, logits[b])
             except Exception as exc:
                 self._contain([seq], "decode", exc)
+
+    def _forward_beside_scratch(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.int32]) -> Float32Array:
+        """A lone seeded, sampled row's step, run as a batch of two: the row (slot 0) and a one-token scratch row in
+        slot 1 whose position 0 is saved and put back. onnxruntime's CPU kernels for a single row (GEMM with M = 1,
+        MatMulNBits' GEMV) round differently from those for a batch, and int8 activations can turn that rounding
+        into a different sample, so without this a seeded request alone would not give the tokens it gives batched
+        with others. Greedy rows skip it (their argmax rarely sits on such a tie and lone steps stay cheapest)."""
+        arrays = getattr(self.runner.pool, "arrays", None)
+        if not arrays or arrays[0].shape[0] < 2:
+            return self.runner.forward(0, ids, lengths, np.arange(1, dtype=np.int64))
+        saved = [array[1, :, 0, :].copy() for array in arrays]
+        try:
+            return self.runner.forward(
+                0,
+                np.concatenate([ids, ids]),
+                np.array([lengths[0], 0], dtype=np.int32),
+                np.arange(1, dtype=np.int64),
+            )
+        finally:
+            for array, part in zip(arrays, saved, strict=True):
+                array[1, :, 0, :] = part
 
     def _speculate(self, seq: Seq) -> bool:
         """One speculative round (speculative.py) if it applies; False when it does not."""
