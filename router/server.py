@@ -54,6 +54,9 @@ def load_variants(repository: Path) -> dict[str, Variant]:
         version_dir = meta.parent
         name = version_dir.parent.name
         tokenizer = ChatTokenizer.from_model_dir(version_dir)
+        # The token -> bytes table of logprobs, built now: built on the first logprobs request it held the event loop
+        # for ~2 s (152k tokens on a loaded machine), past the gateway's budget for the router.
+        tokenizer.token_bytes(0)
         # What decides a chat's ids: the tokenizer file, the chat template and the special tokens it renders.
         rendering = (tokenizer.metadata.chat_template, tokenizer.metadata.bos_token, tokenizer.metadata.eos_token)
         digest = hashlib.sha256((version_dir / TOKENIZER_FILE).read_bytes())
