@@ -222,7 +222,7 @@ def _feed(compiler: GrammarCompiler, tokenizer: Tokenizer, grammar: dict[str, An
 def test_json_object_allows_any_object_only(tiny: tuple[GrammarCompiler, Tokenizer]) -> None:
     compiler, tokenizer = tiny
     grammar = {"json_object": True}
-    assert _feed(compiler, tokenizer, grammar, '{"k":[1,{"z":null}],"t":"x"}').is_finished()
+    assert _feed(compiler, tokenizer, grammar, '{"k": [1, {"z": null}], "t": "x"}').is_finished()
     for not_object in ("[1]", '"s"', "7"):
         with pytest.raises(GrammarError, match="not allowed"):
             _feed(compiler, tokenizer, grammar, not_object)
@@ -231,9 +231,9 @@ def test_json_object_allows_any_object_only(tiny: tuple[GrammarCompiler, Tokeniz
 def test_compact_whitespace_is_default_and_flexible_allows_spaces(tiny: tuple[GrammarCompiler, Tokenizer]) -> None:
     compiler, tokenizer = tiny
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    assert _feed(compiler, tokenizer, {"json_schema": schema}, '{"a":1}').is_accepting()
+    assert _feed(compiler, tokenizer, {"json_schema": schema}, '{"a": 1}').is_accepting()
     with pytest.raises(GrammarError, match="not allowed"):
-        _feed(compiler, tokenizer, {"json_schema": schema}, '{ "a": 1}')
+        _feed(compiler, tokenizer, {"json_schema": schema}, '{"a":1}')
     flexible = _feed(compiler, tokenizer, {"json_schema": schema, "whitespace": "flexible"}, '{ "a": 1 }')
     assert flexible.is_accepting()
 
@@ -244,14 +244,14 @@ def test_eos_only_when_the_grammar_may_end(tiny: tuple[GrammarCompiler, Tokenize
     grammar = {"json_schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}}
     constraint = compiler.constraint(json.dumps(grammar))
     assert not constraint.allowed_mask()[eos]
-    for token in tokenizer.encode("[1,2").ids:
+    for token in tokenizer.encode("[1, 2").ids:
         constraint.advance(token)
     assert not constraint.allowed_mask()[eos]
     assert not constraint.is_finished()
     with pytest.raises(GrammarError):
         constraint.advance(eos)
 
-    done = _feed(compiler, tokenizer, grammar, "[1,2]")
+    done = _feed(compiler, tokenizer, grammar, "[1, 2]")
     mask = done.allowed_mask()
     assert mask[eos] and done.is_finished()
     assert np.flatnonzero(mask).tolist() == [eos]
@@ -321,7 +321,7 @@ def test_rollback_restores_the_earlier_mask(tiny: tuple[GrammarCompiler, Tokeniz
     compiler, tokenizer = tiny
     constraint = compiler.constraint(json.dumps({"json_schema": NESTED_SCHEMA}))
     before = constraint.allowed_mask().copy()
-    prefix = tokenizer.encode('{"name":"ab","age":1').ids
+    prefix = tokenizer.encode('{"name": "ab", "age": 1').ids
     for token in prefix[:3]:
         constraint.advance(token)
     middle = constraint.allowed_mask().copy()

@@ -169,8 +169,8 @@ def test_tool_call_grammars_compile_and_accept_the_template_format(qwen: tuple[A
 def test_json_grammars_compile(qwen: tuple[Any, ChatTokenizer]) -> None:
     compiler, tokenizer = qwen
     json_object = grammar_for(OutputSpec(response_format=ResponseFormat.JSON_OBJECT))
-    assert _accepts(compiler, json_object, tokenizer.encode('{"a":1}'))
+    assert _accepts(compiler, json_object, tokenizer.encode('{"a": 1}'))
     assert not _accepts(compiler, json_object, tokenizer.encode("[1]"))
     schema = grammar_for(OutputSpec(response_format=ResponseFormat.JSON_SCHEMA, json_schema=WEATHER.parameters_json))
-    assert _accepts(compiler, schema, tokenizer.encode('{"city":"Rome","days":2}'))
-    assert not _accepts(compiler, schema, tokenizer.encode('{"city":"Rome"}'))
+    assert _accepts(compiler, schema, tokenizer.encode('{"city": "Rome", "days": 2}'))
+    assert not _accepts(compiler, schema, tokenizer.encode('{"city": "Rome"}'))

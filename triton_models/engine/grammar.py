@@ -22,8 +22,9 @@ The grammar text
                             refused). Where the text is no added token (SmolLM2 has no `<tool_call>`), quote it:
                             "<tool_call>" is then ordinary text.
 
-and optionally "whitespace": "compact" (default) or "flexible". Compact JSON has no free whitespace between tokens
-(`{"a":1,"b":[2,3]}`): a greedy small model can otherwise emit newlines or spaces until max_tokens. "flexible"
+and optionally "whitespace": "compact" (default) or "flexible". Compact JSON has no free whitespace, only one space
+after each ":" and "," (`{"a": 1, "b": [2, 3]}`, json.dumps' spelling): a greedy small model can otherwise emit
+newlines or spaces until max_tokens. "flexible"
 allows JSON's insignificant whitespace. It applies to "json_schema" and "json_object"; a Lark grammar says its own
 whitespace (in its `%json {...}` bodies too: llguidance's default there is flexible, `"x-guidance":
 {"whitespace_flexible": false}` in the body makes it compact).
@@ -106,6 +107,10 @@ def _parse_grammar(grammar: str) -> tuple[str, str]:
             raise GrammarError("json_schema must be a JSON Schema (an object)")
     # overrides, not defaults: the request's whitespace wins over any x-guidance in the schema.
     options: dict[str, Any] = {"whitespace_flexible": whitespace == "flexible", "lenient": False}
+    if whitespace == "compact":
+        # One space after ":" and ",", as json.dumps writes it: the spelling models saw most (with none at all, the
+        # 0.5B Qwen, denied its usual '": "' token, wrote '"country":":"' for Paris).
+        options |= {"item_separator": ", ", "key_separator": ": "}
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options), kind  # type: ignore[arg-type]
     except ValueError as e:
