@@ -49,7 +49,21 @@ def _json_schema(output: OutputSpec) -> Any:
         raise InvalidRequest(f"response_format json_schema is not valid JSON: {exc}") from None
     if not isinstance(schema, (dict, bool)):
         raise InvalidRequest("response_format json_schema must be a JSON Schema (an object)")
-    return schema
+    return closed_objects(schema) if output.json_schema_strict else schema
+
+
+def closed_objects(schema: Any) -> Any:
+    """OpenAI's strict mode: objects have exactly the properties the schema lists. OpenAI refuses a strict schema
+    whose objects leave `additionalProperties` out; llmesh closes them instead (an explicit value is kept). Without
+    it a model may keep adding properties of its own until max_tokens (the 1.5B did, for a pydantic model)."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_objects(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _lark_string(text: str) -> str:
@@ -69,6 +83,8 @@ def tool_call_lark(tools: tuple[ToolSpec, ...], one_call: bool, added_tokens: Se
     for i, tool in enumerate(tools):
         head = '\n{"name": ' + json.dumps(tool.name, ensure_ascii=False) + ', "arguments": '
         schema = parse_schema(tool.parameters_json, f"tool {tool.name!r} parameters")
+        if tool.strict:
+            schema = closed_objects(schema)
         # Ours last: the caller's schema does not choose the whitespace or leniency.
         body = {**schema, "x-guidance": _ARGUMENT_STYLE}
         lines.append(f"call_{i}: {open_tag} {_lark_string(head)} args_{i} {_lark_string('}' + chr(10))} {close_tag}")

@@ -174,3 +174,43 @@ def test_json_grammars_compile(qwen: tuple[Any, ChatTokenizer]) -> None:
     schema = grammar_for(OutputSpec(response_format=ResponseFormat.JSON_SCHEMA, json_schema=WEATHER.parameters_json))
     assert _accepts(compiler, schema, tokenizer.encode('{"city": "Rome", "days": 2}'))
     assert not _accepts(compiler, schema, tokenizer.encode('{"city": "Rome"}'))
+
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "where": {"type": "object", "properties": {"country": {"type": "string"}}},
+        "tags": {"type": "array", "items": {"type": "object", "properties": {"t": {"type": "string"}}}},
+        "extra": {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": True},
+    },
+    "required": ["name"],
+}
+
+
+def test_strict_schemas_close_their_objects_and_others_stay_open() -> None:
+    strict = OutputSpec(
+        response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(CITY), json_schema_strict=True
+    )
+    schema = json.loads(grammar_for(strict))["json_schema"]
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["where"]["additionalProperties"] is False
+    assert schema["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert schema["properties"]["extra"]["additionalProperties"] is True  # the caller's explicit choice stays
+    loose = OutputSpec(response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(CITY))
+    assert json.loads(grammar_for(loose))["json_schema"] == CITY
+    tool = ToolSpec("f", "", json.dumps(CITY), strict=True)
+    lark = json.loads(grammar_for(OutputSpec(tools=(tool,), tool_choice=ToolChoice.REQUIRED)))["lark"]
+    assert '"additionalProperties": false' in lark
+
+
+def test_a_strict_schema_refuses_properties_it_does_not_list(qwen: tuple[Any, ChatTokenizer]) -> None:
+    compiler, tokenizer = qwen
+    strict = OutputSpec(
+        response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(CITY), json_schema_strict=True
+    )
+    loose = OutputSpec(response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(CITY))
+    answer = tokenizer.encode('{"name": "Paris", "climate": "mild"}')
+    assert _accepts(compiler, grammar_for(loose), answer)
+    assert not _accepts(compiler, grammar_for(strict), answer)
+    assert _accepts(compiler, grammar_for(strict), tokenizer.encode('{"name": "Paris"}'))
