@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from gateway.openai_compat import decode_body
+from gateway.openai_compat import decode_body, is_int, json_type
 from gateway.pipeline import QuotaGate, Reservation
 from gateway.validation import RequestLimits, check_field, check_text
 from llmesh.budgets import CHANNEL_OPTIONS
@@ -59,24 +59,6 @@ class EmbeddingsResult:
     # [len(inputs), DIM] float32, unit rows, in input order.
     vectors: np.ndarray
     prompt_tokens: int
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a number"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_request(
@@ -112,7 +94,7 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> Embedding
     limits = limits or RequestLimits()
     payload = decode_body(body, limits)
     if not isinstance(payload, dict):
-        raise InvalidRequest(f"request body must be an object, got {_kind(payload)}")
+        raise InvalidRequest(f"request body must be an object, got {json_type(payload)}")
     for key in payload:
         if key not in REQUEST_FIELDS:
             raise InvalidRequest(
@@ -126,24 +108,24 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> Embedding
     elif isinstance(raw, list):
         inputs = []
         for index, item in enumerate(raw):
-            if _is_int(item) or (isinstance(item, list) and all(_is_int(t) for t in item)):
+            if is_int(item) or (isinstance(item, list) and all(is_int(t) for t in item)):
                 raise InvalidRequest(
                     "input as token ids is not supported by llmesh: send the text as a string or an array of strings",
                     param="input",
                     code="unsupported_parameter",
                 )
             if not isinstance(item, str):
-                raise InvalidRequest(f"input[{index}] must be a string, got {_kind(item)}", param="input")
+                raise InvalidRequest(f"input[{index}] must be a string, got {json_type(item)}", param="input")
             inputs.append(item)
     else:
-        raise InvalidRequest(f"input must be a string or an array of strings, got {_kind(raw)}", param="input")
+        raise InvalidRequest(f"input must be a string or an array of strings, got {json_type(raw)}", param="input")
 
     def optional_str(name: str) -> str:
         value = payload.get(name)
         if value is None:
             return ""
         if not isinstance(value, str):
-            raise InvalidRequest(f"{name} must be a string, got {_kind(value)}", param=name)
+            raise InvalidRequest(f"{name} must be a string, got {json_type(value)}", param=name)
         return value
 
     encoding_format = optional_str("encoding_format") or "float"
@@ -152,7 +134,7 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> Embedding
             f"encoding_format must be 'float' or 'base64', got {quote(encoding_format)}", param="encoding_format"
         )
     dimensions = payload.get("dimensions")
-    if dimensions is not None and (not _is_int(dimensions) or dimensions != DIM):
+    if dimensions is not None and (not is_int(dimensions) or dimensions != DIM):
         raise InvalidRequest(
             f"dimensions must be {DIM}, the embedding model's own, got {quote(dimensions, 24)}: llmesh does not "
             "shorten vectors",

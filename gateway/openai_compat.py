@@ -89,7 +89,8 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How an error message names a decoded JSON value's type."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -101,6 +102,11 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (Python's bool is an int; JSON's true is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_tree(payload: Any, limits: RequestLimits) -> None:
@@ -169,7 +175,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], name: str) -> Any:
         want = " or ".join(expected[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
         if kind == (int, float):
             want = "a number"
-        raise InvalidRequest(f"{name} must be {want}, got {_json_type(value)}", param=_param(name))
+        raise InvalidRequest(f"{name} must be {want}, got {json_type(value)}", param=_param(name))
     return value
 
 
@@ -197,7 +203,7 @@ def _content_text(content: Any, name: str, limits: RequestLimits, optional: bool
         if optional:
             return ""
         raise InvalidRequest(f"{name} is missing", param=name)
-    raise InvalidRequest(f"{name} must be a string or an array of text parts, got {_json_type(content)}", param=name)
+    raise InvalidRequest(f"{name} must be a string or an array of text parts, got {json_type(content)}", param=name)
 
 
 def _refuse_unknown(obj: dict[str, Any], known: set[str] | frozenset[str], where: str) -> None:
@@ -335,7 +341,7 @@ def _function_type(obj: dict[str, Any], where: str, required: bool = True) -> No
     if kind is None and not required:
         return
     if kind != "function":
-        shown = quote(kind) if isinstance(kind, str) else _json_type(kind)
+        shown = quote(kind) if isinstance(kind, str) else json_type(kind)
         raise _unsupported(f"{where}.type", f"{where}.type is {shown}; llmesh serves only 'function' tools")
 
 
@@ -592,7 +598,7 @@ def error_json(exc: MeshError, request_id: str) -> str:
     return json.dumps({"error": error_object(exc, request_id)}, ensure_ascii=True, separators=(",", ":"))
 
 
-def _usage(usage: Usage) -> dict[str, int]:
+def usage_json(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -600,7 +606,7 @@ def _usage(usage: Usage) -> dict[str, int]:
     }
 
 
-def _route(route: RouteInfo) -> dict[str, str]:
+def route_json(route: RouteInfo) -> dict[str, str]:
     # `kind` names the deciding factor (tier_default, pinned, complexity_up, load_shed, fallback, cache_hit, ...);
     # `reason` tells the whole story for people.
     return {"variant": route.variant, "reason": route.reason, "kind": route.kind.value}
@@ -682,8 +688,8 @@ def completion_json(
             "created": created,
             "model": route.variant,
             "choices": [_choice(choice, request_id, logprobs) for choice in answered],
-            "usage": _usage(usage),
-            "llmesh_route": _route(route),
+            "usage": usage_json(usage),
+            "llmesh_route": route_json(route),
             # "" when generated for this request, "exact" or "semantic" when served from the response cache.
             "llmesh_cache": cache,
         },
@@ -715,9 +721,9 @@ def sse_chunk(
         "choices": [] if delta is None else [choice],
     }
     if usage is not None:
-        chunk["usage"] = _usage(usage)
+        chunk["usage"] = usage_json(usage)
     if route is not None:
-        chunk["llmesh_route"] = _route(route)
+        chunk["llmesh_route"] = route_json(route)
     if cache:
         chunk["llmesh_cache"] = cache
     return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"

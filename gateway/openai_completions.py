@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.openai_compat import decode_body
+from gateway.openai_compat import decode_body, is_int, json_type, route_json, usage_json
 from gateway.pipeline import ChoiceOutput, Completion
 from gateway.validation import ChatRequestFields, RequestLimits
 from llmesh.errors import InvalidRequest, quote
@@ -76,24 +76,6 @@ class ChoiceText:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a number"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -113,7 +95,7 @@ class _Payload:
         if value is None:
             return None
         ok = {
-            "int": _is_int(value),
+            "int": is_int(value),
             "number": _is_number(value),
             "str": isinstance(value, str),
             "bool": isinstance(value, bool),
@@ -121,7 +103,7 @@ class _Payload:
         }[kind]
         if not ok:
             want = {"int": "an integer", "number": "a number", "str": "a string", "bool": "a boolean"}
-            raise InvalidRequest(f"{name} must be {want.get(kind, 'an object')}, got {_kind(value)}", param=name)
+            raise InvalidRequest(f"{name} must be {want.get(kind, 'an object')}, got {json_type(value)}", param=name)
         return value
 
 
@@ -138,13 +120,13 @@ def _prompts(value: Any) -> list[str]:
             raise InvalidRequest("prompt is an empty array: it needs at least one string", param="prompt")
         prompts = []
         for index, item in enumerate(value):
-            if _is_int(item) or isinstance(item, list):
+            if is_int(item) or isinstance(item, list):
                 raise token_ids
             if not isinstance(item, str):
-                raise InvalidRequest(f"prompt[{index}] must be a string, got {_kind(item)}", param="prompt")
+                raise InvalidRequest(f"prompt[{index}] must be a string, got {json_type(item)}", param="prompt")
             prompts.append(item)
     else:
-        raise InvalidRequest(f"prompt must be a string or an array of strings, got {_kind(value)}", param="prompt")
+        raise InvalidRequest(f"prompt must be a string or an array of strings, got {json_type(value)}", param="prompt")
     if len(prompts) > MAX_PROMPTS:
         raise InvalidRequest(f"prompt holds {len(prompts)} strings; the limit is {MAX_PROMPTS}", param="prompt")
     for index, prompt in enumerate(prompts):
@@ -163,7 +145,7 @@ def _logit_bias(value: dict[str, Any]) -> dict[int, float]:
             )
         if not _is_number(bias):
             raise InvalidRequest(
-                f"logit_bias[{quote(key, 12)}] must be a number, got {_kind(bias)}", param="logit_bias"
+                f"logit_bias[{quote(key, 12)}] must be a number, got {json_type(bias)}", param="logit_bias"
             )
         parsed[int(key)] = float(bias)
     return parsed
@@ -177,16 +159,16 @@ def _stops(value: Any) -> list[str]:
     if isinstance(value, list):
         for index, item in enumerate(value):
             if not isinstance(item, str):
-                raise InvalidRequest(f"stop[{index}] must be a string, got {_kind(item)}", param="stop")
+                raise InvalidRequest(f"stop[{index}] must be a string, got {json_type(item)}", param="stop")
         return list(value)
-    raise InvalidRequest(f"stop must be a string or an array of strings, got {_kind(value)}", param="stop")
+    raise InvalidRequest(f"stop must be a string or an array of strings, got {json_type(value)}", param="stop")
 
 
 def parse_request(body: bytes, limits: RequestLimits | None = None) -> CompletionsRequest:
     limits = limits or RequestLimits()
     payload = decode_body(body, limits)
     if not isinstance(payload, dict):
-        raise InvalidRequest(f"request body must be an object, got {_kind(payload)}")
+        raise InvalidRequest(f"request body must be an object, got {json_type(payload)}")
     for key in payload:
         if key not in _SERVED | _REFUSED_UNLESS_NEUTRAL:
             raise InvalidRequest(
@@ -218,7 +200,7 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> Completio
     include_usage = options.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise InvalidRequest(
-            f"stream_options.include_usage must be a boolean, got {_kind(include_usage)}",
+            f"stream_options.include_usage must be a boolean, got {json_type(include_usage)}",
             param="stream_options.include_usage",
         )
     stops = _stops(payload.get("stop"))
@@ -275,18 +257,6 @@ def legacy_logprobs(logprobs: Sequence[TokenLogprob], offset: int = 0) -> dict[s
     }
 
 
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def _route(route: RouteInfo) -> dict[str, str]:
-    return {"variant": route.variant, "reason": route.reason, "kind": route.kind.value}
-
-
 def completion_json(
     completion_id: str,
     created: int,
@@ -312,10 +282,10 @@ def completion_json(
             }
             for choice in sorted(choices, key=lambda c: c.index)
         ],
-        "usage": _usage(usage),
+        "usage": usage_json(usage),
     }
     if route is not None:
-        body["llmesh_route"] = _route(route)
+        body["llmesh_route"] = route_json(route)
     body["llmesh_cache"] = cache
     return json.dumps(body, ensure_ascii=False).encode()
 
@@ -350,9 +320,9 @@ def sse_chunk(
         ],
     }
     if usage is not None:
-        chunk["usage"] = _usage(usage)
+        chunk["usage"] = usage_json(usage)
     if route is not None:
-        chunk["llmesh_route"] = _route(route)
+        chunk["llmesh_route"] = route_json(route)
     if cache:
         chunk["llmesh_cache"] = cache
     return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
