@@ -59,3 +59,5 @@ class CacheSettings(RedisAuthSettings, TlsSettings):
     price_per_million_prompt_tokens: float = 0.15
     price_per_million_completion_tokens: float = 0.60
     log_level: str = "info"
+    # On SIGTERM: NOT_SERVING at once, then cache lookups and stores in flight get this long to finish.
+    shutdown_grace_s: float = 10.0

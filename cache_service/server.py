@@ -155,7 +155,7 @@ async def serve(settings: CacheSettings) -> None:
     )
     await grpc_util.wait_for_shutdown_signal()
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever the breaker reports
-    await server.stop(grace=10)
+    await server.stop(grace=settings.shutdown_grace_s)
     await cache.close()
     if embedder is not None:
         await embedder.close()

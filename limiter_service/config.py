@@ -31,3 +31,5 @@ class LimiterSettings(RedisAuthSettings, TlsSettings):
     # died); its tokens stay charged in full. Above the gateway's longest request.
     lease_s: float = 600.0
     log_level: str = "info"
+    # On SIGTERM: NOT_SERVING at once, then reservations and settlements in flight get this long to finish.
+    shutdown_grace_s: float = 5.0

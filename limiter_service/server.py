@@ -211,7 +211,7 @@ async def serve(settings: LimiterSettings) -> None:
     )
     await grpc_util.wait_for_shutdown_signal()
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever the circuit does while draining
-    await server.stop(grace=5)
+    await server.stop(grace=settings.shutdown_grace_s)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

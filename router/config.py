@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llmesh.minilm import EMBEDDING_MODEL
 from llmesh.tls import TlsSettings
+from router.discovery import ReplicaGroup, parse_names
 from router.policy import DEFAULT_POLICY_FILE
 
 
@@ -18,6 +19,15 @@ class RouterSettings(TlsSettings):
     triton_url: str = "127.0.0.1:8001"
     # Replicas reserved for the enterprise tier, comma-separated; enterprise spills onto the shared ones.
     dedicated_triton_url: str = ""
+    # Replicas found by DNS (router/discovery.py), NAME:PORT comma-separated, re-resolved every dns_interval_s: every
+    # address of a name is a replica (a Kubernetes headless Service). With them, set triton_url "" unless the fixed
+    # URLs are replicas too.
+    triton_dns: str = ""
+    dedicated_triton_dns: str = ""
+    # Another region's replicas (URLs and names): they take work only while no local replica can serve a variant.
+    fallback_triton_url: str = ""
+    fallback_triton_dns: str = ""
+    dns_interval_s: float = 5.0
     # The Triton model repository; the router reads each variant's tokenizer and metadata from it.
     model_repository: Path | None = None
     policy_file: Path = DEFAULT_POLICY_FILE
@@ -40,9 +50,31 @@ class RouterSettings(TlsSettings):
     # "" = no embeddings. Upper bound on one Embed call's Triton request.
     embedding_model: str = EMBEDDING_MODEL
     embed_timeout_s: float = 30.0
+    # On SIGTERM: NOT_SERVING at once (balancers stop sending), then requests in flight get this long to finish.
+    shutdown_grace_s: float = 30.0
 
-    def replica_urls(self) -> tuple[list[str], list[str]]:
-        def split(value: str) -> list[str]:
-            return [u.strip() for u in value.split(",") if u.strip()]
+    def replica_groups(self) -> list[ReplicaGroup]:
+        """Shared, dedicated and fallback replicas; ValueError naming the flag when a DNS name lacks its port, and
+        when no replica is configured at all."""
 
-        return split(self.triton_url), split(self.dedicated_triton_url)
+        def split(value: str) -> tuple[str, ...]:
+            return tuple(u.strip() for u in value.split(",") if u.strip())
+
+        groups = [
+            ReplicaGroup(split(self.triton_url), tuple(parse_names(self.triton_dns, "--triton-dns"))),
+            ReplicaGroup(
+                split(self.dedicated_triton_url),
+                tuple(parse_names(self.dedicated_triton_dns, "--dedicated-triton-dns")),
+                dedicated=True,
+            ),
+            ReplicaGroup(
+                split(self.fallback_triton_url),
+                tuple(parse_names(self.fallback_triton_dns, "--fallback-triton-dns")),
+                fallback=True,
+            ),
+        ]
+        if not any(g.urls or g.names for g in groups[:2]):
+            raise ValueError("no Triton replicas: set --triton-url or --triton-dns")
+        if self.dns_interval_s <= 0:
+            raise ValueError("--dns-interval-s must be positive")
+        return groups

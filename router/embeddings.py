@@ -26,6 +26,7 @@ from llmesh.errors import Internal, InvalidRequest, MeshError, NotFound, Unavail
 from llmesh.grpc_util import error_from_rpc
 from llmesh.minilm import DIM, EMBEDDING_MODEL, load_tokenizer, model_dir
 from llmesh.tls import TlsFiles, aio_channel
+from router.discovery import Member
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -98,22 +99,35 @@ class TritonEmbeddingBackend:
 
 
 class EmbeddingService:
-    """Tokenizes, spreads the texts over the backends (each text tried on the others if one fails) and gathers."""
+    """Tokenizes, spreads the texts over the backends (each text tried on the others if one fails) and gathers.
+
+    Backends come and go with the Triton replicas (router/discovery.py); fallback ones (another region's) are tried
+    only after every local one failed."""
 
     def __init__(
         self,
         tokenizer: Tokenizer,
-        backends: Sequence[EmbeddingBackend],
+        backends: Sequence[EmbeddingBackend] = (),
         model: str = EMBEDDING_MODEL,
         max_inputs: int = MAX_INPUTS,
     ) -> None:
-        if not backends:
-            raise ValueError("at least one embedding backend is needed")
         self._tokenizer = tokenizer
         self._backends = list(backends)
+        self._fallbacks: list[EmbeddingBackend] = []
         self._turn = itertools.count()
         self.model = model
         self._max_inputs = max_inputs
+
+    def add_backend(self, backend: EmbeddingBackend, fallback: bool = False) -> None:
+        (self._fallbacks if fallback else self._backends).append(backend)
+
+    def remove_backend(self, name: str) -> EmbeddingBackend | None:
+        for backends in (self._backends, self._fallbacks):
+            for backend in backends:
+                if backend.name == name:
+                    backends.remove(backend)
+                    return backend
+        return None
 
     def tokenize(self, inputs: Sequence[str]) -> list[list[int]]:
         if not inputs:
@@ -143,8 +157,9 @@ class EmbeddingService:
     async def _embed_one(self, token_ids: Sequence[int]) -> np.ndarray:
         start = next(self._turn)
         failures: list[str] = []
-        for offset in range(len(self._backends)):
-            backend = self._backends[(start + offset) % len(self._backends)]
+        local = list(self._backends)
+        order = [local[(start + offset) % len(local)] for offset in range(len(local))] + list(self._fallbacks)
+        for backend in order:
             try:
                 return await backend.embed(self.model, token_ids)
             except (Unavailable, Internal) as exc:
@@ -152,15 +167,45 @@ class EmbeddingService:
                 failures.append(f"{backend.name}: {exc}")
             except MeshError:
                 raise
+        if not order:
+            raise Unavailable(f"no Triton replica is known to embed with {self.model} yet")
         raise Unavailable(f"no replica could embed with {self.model}; {'; '.join(failures)}")
 
 
+class EmbeddingMembership:
+    """Keeps the service's backends equal to the Triton replicas (router/discovery.py's MembershipListener)."""
+
+    def __init__(self, service: EmbeddingService, timeout_s: float, tls: TlsFiles | None) -> None:
+        self._service = service
+        self._timeout_s = timeout_s
+        self._tls = tls
+        self._backends: dict[str, TritonEmbeddingBackend] = {}
+
+    async def added(self, member: Member) -> None:
+        backend = TritonEmbeddingBackend(member.url, self._timeout_s, self._tls)
+        self._backends[member.url] = backend
+        self._service.add_backend(backend, fallback=member.fallback)
+
+    async def removed(self, member: Member) -> None:
+        self._service.remove_backend(member.url)
+        backend = self._backends.pop(member.url, None)
+        if backend is not None:
+            # An embedding call is one short unary RPC: a little grace, then the channel goes.
+            asyncio.get_running_loop().call_later(self._timeout_s, lambda: asyncio.ensure_future(backend.close()))
+
+    async def close(self) -> None:
+        for backend in self._backends.values():
+            await backend.close()
+        self._backends.clear()
+
+
 def from_repository(
-    repository: Path, model: str, triton_urls: Sequence[str], timeout_s: float, tls: TlsFiles | None
-) -> tuple[EmbeddingService | None, list[TritonEmbeddingBackend]]:
-    """The service for `model` when the model repository holds it (repository.write_embedding_model), with its
-    backends (to close); (None, []) when it does not or `model` is "" (Embed then answers UNAVAILABLE)."""
+    repository: Path, model: str, timeout_s: float, tls: TlsFiles | None
+) -> tuple[EmbeddingService | None, EmbeddingMembership | None]:
+    """The service for `model` when the model repository holds it (repository.write_embedding_model), with the
+    listener that gives it its backends; (None, None) when it does not or `model` is "" (Embed then answers
+    UNAVAILABLE)."""
     if not model or not (repository / model / "config.pbtxt").is_file():
-        return None, []
-    backends = [TritonEmbeddingBackend(url, timeout_s, tls) for url in triton_urls]
-    return EmbeddingService(load_tokenizer(model_dir()), backends, model), backends
+        return None, None
+    service = EmbeddingService(load_tokenizer(model_dir()), (), model)
+    return service, EmbeddingMembership(service, timeout_s, tls)

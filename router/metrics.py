@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from llmesh.metrics import LATENCY_BUCKETS
 from llmesh.types import RouteInfo, RouteKind, Tier
 from router.load import LoadTracker
-from router.replicas import ReplicaPool, ReplicaState
+from router.replicas import ReplicaPool
 
 
-def _healthy(state: ReplicaState) -> float:
-    return 1.0 if state.healthy else 0.0
+class ReplicaCollector(Collector):
+    """Per-replica gauges read from the pool at scrape time: replicas found by DNS come and go, and a replica that
+    left must leave the metrics too (a set_function gauge would report it forever)."""
 
+    def __init__(self, pool: ReplicaPool) -> None:
+        self._pool = pool
 
-def _outstanding(state: ReplicaState) -> float:
-    return float(state.outstanding)
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "llmesh_router_replica_healthy", "1 if the replica is in rotation", labels=["replica"]
+        )
+        outstanding = GaugeMetricFamily(
+            "llmesh_router_replica_outstanding", "Requests in flight per replica", labels=["replica"]
+        )
+        fallback = GaugeMetricFamily(
+            "llmesh_router_replica_fallback", "1 if the replica is another region's (used only when no local one can)",
+            labels=["replica"],
+        )  # fmt: skip
+        for state in list(self._pool.states):
+            healthy.add_metric([state.name], 1.0 if state.healthy else 0.0)
+            outstanding.add_metric([state.name], float(state.outstanding))
+            fallback.add_metric([state.name], 1.0 if state.fallback else 0.0)
+        yield healthy
+        yield outstanding
+        yield fallback
 
 
 # The `reason` label: low cardinality, stable for dashboards and alerts (docs/OPERATIONS.md).
@@ -46,15 +68,7 @@ class PrometheusObserver:
             "llmesh_router_ttft_seconds", "Time from sending a request to Triton to its first token",
             ["variant", "replica"], buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        healthy = Gauge(
-            "llmesh_router_replica_healthy", "1 if the replica is in rotation", ["replica"], registry=registry
-        )
-        outstanding = Gauge(
-            "llmesh_router_replica_outstanding", "Requests in flight per replica", ["replica"], registry=registry
-        )
-        for state in pool.states:
-            healthy.labels(state.name).set_function(functools.partial(_healthy, state))
-            outstanding.labels(state.name).set_function(functools.partial(_outstanding, state))
+        registry.register(ReplicaCollector(pool))
         in_flight = Gauge("llmesh_router_in_flight", "Requests in flight per variant", ["variant"], registry=registry)
         p95 = Gauge(
             "llmesh_router_ttft_p95_seconds", "Recent first-token p95 the policy reads", ["variant"], registry=registry

@@ -31,12 +31,13 @@ from llmesh.metrics import serve_metrics
 from llmesh.tls import TlsFiles, add_port
 from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.config import RouterSettings
+from router.discovery import MembershipListener, PoolMembership, ReplicaDiscovery, SystemResolver
 from router.embeddings import EmbeddingService
 from router.embeddings import from_repository as embeddings_from_repository
 from router.load import LoadTracker
 from router.metrics import PrometheusObserver
 from router.policy import load_policy
-from router.replicas import ReplicaPool, ReplicaState
+from router.replicas import ReplicaPool
 from router.service import Router, Variant
 from router.triton_client import TritonReplica
 
@@ -146,7 +147,10 @@ async def serve(settings: RouterSettings) -> None:
         raise SystemExit("--model-repository is required")
     variants = load_variants(settings.model_repository)
     policy = load_policy(settings.policy_file, list(variants), settings.default_variant)
-    shared_urls, dedicated_urls = settings.replica_urls()
+    try:
+        groups = settings.replica_groups()
+    except ValueError as exc:
+        raise SystemExit(f"router: {exc}") from None
     server = grpc.aio.server(options=grpc_util.server_options())
     health_servicer = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
 
@@ -156,44 +160,49 @@ async def serve(settings: RouterSettings) -> None:
 
     tls = TlsFiles.of(settings)
     triton_tls = tls if settings.triton_tls else None
-    replicas = [
-        TritonReplica(url, settings.generate_timeout_s, triton_tls, settings.triton_hang_budget_s)
-        for url in shared_urls + dedicated_urls
-    ]
-    pool = ReplicaPool(
-        (ReplicaState(replica, dedicated=replica.name in dedicated_urls) for replica in replicas),
-        on_healthy_change=report_replicas,
+    pool = ReplicaPool((), on_healthy_change=report_replicas)
+    membership = PoolMembership(
+        pool,
+        lambda url: TritonReplica(url, settings.generate_timeout_s, triton_tls, settings.triton_hang_budget_s),
+        list(variants),
+        retire_after_s=settings.generate_timeout_s,
     )
+    embeddings, embedding_membership = embeddings_from_repository(
+        settings.model_repository, settings.embedding_model, settings.embed_timeout_s, triton_tls
+    )
+    listeners: list[MembershipListener] = [membership]
+    if embedding_membership is not None:
+        listeners.append(embedding_membership)
+    discovery = ReplicaDiscovery(groups, SystemResolver(), listeners)
     load = LoadTracker()
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry, pool, load, list(policy.variants))
     router = Router(variants, policy, pool, load=load, observer=observer)
-    embeddings, embedding_backends = embeddings_from_repository(
-        settings.model_repository, settings.embedding_model, shared_urls + dedicated_urls,
-        settings.embed_timeout_s, triton_tls,
-    )  # fmt: skip
     serve_metrics(registry, settings.host, settings.metrics_port)
 
     router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router, embeddings), server)
     address = f"{settings.host}:{settings.port}"
     add_port(server, address, tls)
-    await pool.probe(list(variants))
+    # The first membership: fixed URLs and what DNS answers now, each probed before it takes work.
+    await discovery.refresh()
     await server.start()
     report_replicas(pool.healthy_count())
-    probes = asyncio.create_task(_probe_replicas(pool, list(variants), settings.health_interval_s))
+    background = [asyncio.create_task(_probe_replicas(pool, list(variants), settings.health_interval_s))]
+    if discovery.uses_dns:
+        background.append(asyncio.create_task(discovery.run(settings.dns_interval_s)))
     log.info(
-        "router listening on %s, variants %s (smallest first), replicas %s, dedicated %s",
-        address, list(policy.variants), shared_urls, dedicated_urls,
+        "router listening on %s, variants %s (smallest first), replicas %s",
+        address, list(policy.variants), sorted(discovery.members),
     )  # fmt: skip
     await grpc_util.wait_for_shutdown_signal()
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever the pool reports while draining
-    probes.cancel()
-    await asyncio.gather(probes, return_exceptions=True)
-    await server.stop(grace=10)
-    for replica in replicas:
-        await replica.close()
-    for backend in embedding_backends:
-        await backend.close()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    await server.stop(grace=settings.shutdown_grace_s)
+    await membership.close()
+    if embedding_membership is not None:
+        await embedding_membership.close()
 
 
 async def _probe_replicas(pool: ReplicaPool, variants: list[str], interval_s: float) -> None:

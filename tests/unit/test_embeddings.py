@@ -212,6 +212,23 @@ def test_router_fails_over_to_another_replica(tokenizer: Any) -> None:
         asyncio.run(EmbeddingService(tokenizer, [FakeBackend("t3", fail=True)]).embed(["a"]))
 
 
+def test_router_uses_fallback_backends_only_when_local_ones_fail(tokenizer: Any) -> None:
+    local, remote = FakeBackend("local"), FakeBackend("remote")
+    service = EmbeddingService(tokenizer)
+    with pytest.raises(Unavailable, match="no Triton replica is known"):
+        asyncio.run(service.embed(["a"]))
+    service.add_backend(remote, fallback=True)
+    service.add_backend(local)
+    asyncio.run(service.embed(["a", "b"]))
+    assert len(local.calls) == 2 and not remote.calls, "the other region's replica took local work"
+    local.fail = True
+    asyncio.run(service.embed(["a"]))
+    assert len(remote.calls) == 1
+    assert service.remove_backend("remote") is remote and service.remove_backend("remote") is None
+    with pytest.raises(Unavailable, match="no replica could embed"):
+        asyncio.run(service.embed(["a"]))
+
+
 def test_router_refuses_what_it_cannot_embed(tokenizer: Any) -> None:
     service = EmbeddingService(tokenizer, [FakeBackend("t1")])
     with pytest.raises(NotFound):
