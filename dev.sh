@@ -16,6 +16,10 @@ install_system_packages() {
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
   command -v git >/dev/null 2>&1 || missing+=(git)
+  # The network-namespace lab of the multi-host tests (tests/fixtures/netns.py): `ip netns`, and dnsmasq as its DNS.
+  # Both live in /usr/sbin, which a non-root PATH may lack.
+  PATH="$PATH:/usr/sbin:/sbin" command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  PATH="$PATH:/usr/sbin:/sbin" command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
   if ((${#missing[@]})); then
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -11,6 +11,7 @@ own requests, and its callers reach the other region only while its own pool is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -131,12 +132,14 @@ class ReplicaPool:
 
     async def probe(self, variants: Sequence[str]) -> None:
         """Active health check of every (replica, variant): eject what is not ready, re-admit what recovered."""
-        for state in list(self.states):
-            await self.probe_one(state, variants)
+        # All at once: a replica behind a cut link takes its probe's whole timeout, which must not delay the
+        # verdict on the others (nor a recovered replica's re-admission).
+        await asyncio.gather(*(self.probe_one(state, variants) for state in list(self.states)))
 
     async def probe_one(self, state: ReplicaState, variants: Sequence[str]) -> None:
-        for variant in variants:
-            if await state.replica.ready(variant):
+        answers = await asyncio.gather(*(state.replica.ready(variant) for variant in variants))
+        for variant, ready in zip(variants, answers, strict=True):
+            if ready:
                 if variant in state.down and state in self.states:
                     healthy = self.healthy_count()
                     state.down.discard(variant)
