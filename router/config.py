@@ -46,6 +46,10 @@ class RouterSettings(TlsSettings):
     # Use the same files on the Triton hop (tritonserver --grpc-use-ssl-mutual). `llmesh up` turns it on for the
     # tritonservers it starts; an external Triton is reached as configured here.
     triton_tls: bool = False
+    # The name Triton certificates are checked against, instead of the address dialled: replicas found by DNS are
+    # reached by pod address, which no certificate made in advance names. "triton" is in every Triton certificate
+    # control/certs.py and the Helm chart make. "" = the address itself.
+    triton_tls_name: str = ""
     # The Triton model serving Embed (triton_models/embedding_model.py); used when the model repository holds it,
     # "" = no embeddings. Upper bound on one Embed call's Triton request.
     embedding_model: str = EMBEDDING_MODEL

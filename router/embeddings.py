@@ -21,12 +21,12 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from llmesh.budgets import CHANNEL_OPTIONS
 from llmesh.errors import Internal, InvalidRequest, MeshError, NotFound, Unavailable, quote
 from llmesh.grpc_util import error_from_rpc
 from llmesh.minilm import DIM, EMBEDDING_MODEL, load_tokenizer, model_dir
 from llmesh.tls import TlsFiles, aio_channel
 from router.discovery import Member
+from router.triton_client import channel_options
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -61,9 +61,9 @@ class EmbeddingBackend(Protocol):
 class TritonEmbeddingBackend:
     """One tritonserver, reached over gRPC (unary ModelInfer)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0, tls: TlsFiles | None = None) -> None:
+    def __init__(self, url: str, timeout_s: float = 30.0, tls: TlsFiles | None = None, tls_name: str = "") -> None:
         self._url = url
-        self._channel = aio_channel(url, tls, CHANNEL_OPTIONS)
+        self._channel = aio_channel(url, tls, channel_options(tls_name))
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout_s = timeout_s
 
@@ -175,14 +175,15 @@ class EmbeddingService:
 class EmbeddingMembership:
     """Keeps the service's backends equal to the Triton replicas (router/discovery.py's MembershipListener)."""
 
-    def __init__(self, service: EmbeddingService, timeout_s: float, tls: TlsFiles | None) -> None:
+    def __init__(self, service: EmbeddingService, timeout_s: float, tls: TlsFiles | None, tls_name: str = "") -> None:
         self._service = service
         self._timeout_s = timeout_s
         self._tls = tls
+        self._tls_name = tls_name
         self._backends: dict[str, TritonEmbeddingBackend] = {}
 
     async def added(self, member: Member) -> None:
-        backend = TritonEmbeddingBackend(member.url, self._timeout_s, self._tls)
+        backend = TritonEmbeddingBackend(member.url, self._timeout_s, self._tls, self._tls_name)
         self._backends[member.url] = backend
         self._service.add_backend(backend, fallback=member.fallback)
 
@@ -200,7 +201,7 @@ class EmbeddingMembership:
 
 
 def from_repository(
-    repository: Path, model: str, timeout_s: float, tls: TlsFiles | None
+    repository: Path, model: str, timeout_s: float, tls: TlsFiles | None, tls_name: str = ""
 ) -> tuple[EmbeddingService | None, EmbeddingMembership | None]:
     """The service for `model` when the model repository holds it (repository.write_embedding_model), with the
     listener that gives it its backends; (None, None) when it does not or `model` is "" (Embed then answers
@@ -208,4 +209,4 @@ def from_repository(
     if not model or not (repository / model / "config.pbtxt").is_file():
         return None, None
     service = EmbeddingService(load_tokenizer(model_dir()), (), model)
-    return service, EmbeddingMembership(service, timeout_s, tls)
+    return service, EmbeddingMembership(service, timeout_s, tls, tls_name)

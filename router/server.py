@@ -163,13 +163,16 @@ async def serve(settings: RouterSettings) -> None:
     pool = ReplicaPool((), on_healthy_change=report_replicas)
     membership = PoolMembership(
         pool,
-        lambda url: TritonReplica(url, settings.generate_timeout_s, triton_tls, settings.triton_hang_budget_s),
+        lambda url: TritonReplica(
+            url, settings.generate_timeout_s, triton_tls, settings.triton_hang_budget_s, settings.triton_tls_name
+        ),
         list(variants),
         retire_after_s=settings.generate_timeout_s,
     )
     embeddings, embedding_membership = embeddings_from_repository(
-        settings.model_repository, settings.embedding_model, settings.embed_timeout_s, triton_tls
-    )
+        settings.model_repository, settings.embedding_model, settings.embed_timeout_s, triton_tls,
+        settings.triton_tls_name,
+    )  # fmt: skip
     listeners: list[MembershipListener] = [membership]
     if embedding_membership is not None:
         listeners.append(embedding_membership)

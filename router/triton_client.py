@@ -42,6 +42,15 @@ def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
     return items
 
 
+def channel_options(tls_name: str = "") -> list[tuple[str, object]]:
+    """Options of a channel to Triton; `tls_name`: the name its certificate is checked against instead of the
+    address dialled (replicas found by DNS are reached by pod address, which no certificate made in advance names)."""
+    options: list[tuple[str, object]] = list(CHANNEL_OPTIONS)
+    if tls_name:
+        options.append(("grpc.ssl_target_name_override", tls_name))
+    return options
+
+
 def build_request(
     variant: str,
     request_id: str,
@@ -145,9 +154,16 @@ def parse_response(response: service_pb2.ModelInferResponse) -> tuple[TokenChunk
 class TritonReplica:
     """One tritonserver process, reached over gRPC."""
 
-    def __init__(self, url: str, timeout_s: float, tls: TlsFiles | None = None, hang_budget_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        tls: TlsFiles | None = None,
+        hang_budget_s: float = 10.0,
+        tls_name: str = "",
+    ) -> None:
         self._url = url
-        self._channel = aio_channel(url, tls, CHANNEL_OPTIONS)
+        self._channel = aio_channel(url, tls, channel_options(tls_name))
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout_s = timeout_s
         # A stream silent for half the budget is followed by ServerLive; a Triton that leaves that unanswered too is
