@@ -78,6 +78,9 @@ case "$cmd" in
     install_python_packages
     # No default build here: the test fixtures build (or find cached) the variants they serve.
     install_promtool
+    # checkov (the Helm chart's scan) pins packages ours need newer: its own venv in the cache, made once.
+    "$VENV/bin/python" -c 'from tests.fixtures.helm import checkov_executable; checkov_executable()' \
+      || { log "could not install checkov"; exit 1; }
     log "ruff"
     "$VENV/bin/ruff" check .
     log "import contracts (layers)"
