@@ -248,3 +248,30 @@ def test_qwen_tool_calls_choices_logprobs_formats_and_raw_prompts(tmp_path: Path
     finally:
         router.process.stop()
         triton.process.stop()
+
+
+def test_router_drains_on_sigterm(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM mid-stream: new work is refused at once, the stream in flight runs to its end, the process exits 0."""
+    router = start_router([triton_server.grpc_url], triton_server.model_repository, tmp_path)
+    try:
+
+        async def scenario() -> tuple[list[router_pb2.GenerateChunk], str]:
+            async with grpc.aio.insecure_channel(router.target) as channel:
+                stub = router_pb2_grpc.RouterServiceStub(channel)
+                stream = stub.Generate(generate_request("Count from one to fifty in words.", 96), timeout=90)
+                chunks = [await stream.read()]
+                assert router.process.popen is not None
+                router.process.popen.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                refused = await one_request(stub, generate_request("Say hello.", 4))
+                while (chunk := await stream.read()) is not grpc.aio.EOF:
+                    chunks.append(chunk)
+                return chunks, refused[0]
+
+        chunks, refused = asyncio.run(scenario())
+        assert refused == "UNAVAILABLE", "a draining router took new work"
+        assert chunks[-1].finish_reason in ("stop", "length"), "the stream in flight was cut"
+        assert sum(len(c.delta) for c in chunks) > 0
+        assert router.process.popen is not None and router.process.popen.wait(timeout=30) == 0
+    finally:
+        router.process.stop()
