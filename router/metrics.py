@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ from prometheus_client.registry import Collector
 
 from llmesh.metrics import LATENCY_BUCKETS
 from llmesh.types import RouteInfo, RouteKind, Tier
+from router.discovery import Member
 from router.load import LoadTracker
 from router.replicas import ReplicaPool
 
@@ -69,6 +71,7 @@ class PrometheusObserver:
             ["variant", "replica"], buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         registry.register(ReplicaCollector(pool))
+        self._replica_series: dict[str, set[str]] = {}
         in_flight = Gauge("llmesh_router_in_flight", "Requests in flight per variant", ["variant"], registry=registry)
         p95 = Gauge(
             "llmesh_router_ttft_p95_seconds", "Recent first-token p95 the policy reads", ["variant"], registry=registry
@@ -85,3 +88,14 @@ class PrometheusObserver:
 
     def first_token(self, variant: str, replica: str, seconds: float) -> None:
         self.ttft.labels(variant, replica).observe(seconds)
+        self._replica_series.setdefault(replica, set()).add(variant)
+
+    # router/discovery.py's MembershipListener: replicas found by DNS are pod addresses that come and go; a replica
+    # that left takes its series with it, so the metric's cardinality follows the pool, not its history.
+    async def added(self, member: Member) -> None:
+        pass
+
+    async def removed(self, member: Member) -> None:
+        for variant in self._replica_series.pop(member.url, set()):
+            with contextlib.suppress(KeyError):
+                self.ttft.remove(variant, member.url)

@@ -176,10 +176,10 @@ async def serve(settings: RouterSettings) -> None:
     listeners: list[MembershipListener] = [membership]
     if embedding_membership is not None:
         listeners.append(embedding_membership)
-    discovery = ReplicaDiscovery(groups, SystemResolver(), listeners)
     load = LoadTracker()
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry, pool, load, list(policy.variants))
+    discovery = ReplicaDiscovery(groups, SystemResolver(), [*listeners, observer])
     router = Router(variants, policy, pool, load=load, observer=observer)
     serve_metrics(registry, settings.host, settings.metrics_port)
 

@@ -214,11 +214,14 @@ def test_metrics_follow_membership() -> None:
     async def scenario() -> None:
         mesh = Mesh([ReplicaGroup(names=(NAME,))])
         registry = CollectorRegistry()
-        PrometheusObserver(registry, mesh.pool, LoadTracker(), VARIANTS)
+        observer = PrometheusObserver(registry, mesh.pool, LoadTracker(), VARIANTS)
+        mesh.discovery = ReplicaDiscovery(mesh.discovery._groups, mesh.resolver, [mesh.membership, observer])
         mesh.resolver.records["triton.llmesh.svc"] = ["198.18.0.2", "198.18.0.3"]
         await mesh.discovery.refresh()
+        observer.first_token("v", "198.18.0.3:8001", 0.1)
         text = generate_latest(registry).decode()
         assert 'llmesh_router_replica_healthy{replica="198.18.0.3:8001"} 1.0' in text
+        assert 'llmesh_router_ttft_seconds_count{replica="198.18.0.3:8001",variant="v"} 1.0' in text
         mesh.resolver.records["triton.llmesh.svc"] = ["198.18.0.2"]
         await mesh.discovery.refresh()
         assert "198.18.0.3" not in generate_latest(registry).decode(), "a replica that left leaves the metrics"
