@@ -34,6 +34,10 @@ Probe = Callable[[float], Awaitable[None]]
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # A target naming several servers (`dns:///router-headless:50052`, every pod an address) spreads calls over all
+    # of them; a target with one address behaves as before. With the servers' max_connection_age (grpc_util), the
+    # name is resolved again at each reconnect, so pods added by an autoscaler are found.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
 

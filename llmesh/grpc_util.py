@@ -123,6 +123,9 @@ async def wait_for_shutdown_signal() -> None:
     await stop.wait()
 
 
+MAX_CONNECTION_AGE_S = 120
+
+
 def server_options() -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -132,6 +135,11 @@ def server_options() -> list[tuple[str, Any]]:
         ("grpc.absolute_max_metadata_size", 64 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # Clients reconnect now and then (GOAWAY after this age, ±10% jitter), so a scaled-out service gets its share:
+        # a long-lived HTTP/2 connection through a Kubernetes Service would stay on the pod it first reached.
+        # Calls in flight finish within the grace, which covers the longest generation (300 s).
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
+        ("grpc.max_connection_age_grace_ms", 360_000),
     ]
 
 

@@ -8,13 +8,17 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from llmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from control.process import ManagedProcess, free_port, grpc_health_probe
+from llmesh.types import Tier
+from llmesh.v1 import chat_pb2, chat_pb2_grpc, common_pb2, router_pb2, router_pb2_grpc
+from tests.fixtures.mesh import RunningMesh
 from tests.fixtures.router import RouterProcess, start_router, triton_replica, variant_repository
 
 VARIANT = "smollm2-135m"
@@ -275,3 +279,50 @@ def test_router_drains_on_sigterm(triton_server, tmp_path: Path) -> None:  # typ
         assert router.process.popen is not None and router.process.popen.wait(timeout=30) == 0
     finally:
         router.process.stop()
+
+
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+def test_a_gateway_spreads_its_calls_over_every_router_its_target_names(  # type: ignore[no-untyped-def]
+    triton_server, mesh: RunningMesh, tmp_path: Path
+) -> None:
+    """Three routers on one port of three addresses, one gateway whose router target names them all (as a headless
+    Service's DNS name does in Kubernetes): calls go to all, not to the first it connected to. Three, because each
+    request is two calls (Prepare, Generate): over two routers, strict alternation would send every Generate (where
+    decisions are counted) to the same one."""
+    port = free_port()
+    routers = [
+        start_router([triton_server.grpc_url], triton_server.model_repository, tmp_path, host=host, port=port)
+        for host in HOSTS
+    ]
+    gateway_port = free_port()
+    argv = [
+        sys.executable, "-m", "gateway", "--port", str(gateway_port),
+        "--router-url", "ipv4:" + ",".join(f"{host}:{port}" for host in HOSTS),
+        "--redis-url", mesh.redis_url, "--limiter-url", "", "--cache-url", "", "--metrics-port", "0",
+    ]  # fmt: skip
+    gateway = ManagedProcess("gateway-rr", argv, tmp_path / "gateway.log").start()
+    try:
+        gateway.wait_ready(grpc_health_probe(f"127.0.0.1:{gateway_port}"), timeout=60)
+        metadata = [("authorization", f"Bearer {mesh.create_key(Tier.PAID)}")]
+        with grpc.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            for i in range(9):
+                request = chat_pb2.ChatCompletionRequest(
+                    messages=[common_pb2.ChatMessage(role="user", content=f"Say {i}.")], max_tokens=2
+                )
+                stub.CreateChatCompletion(request, metadata=metadata, timeout=60)
+        routed = [
+            sum(
+                router.metric("llmesh_router_decisions_total", tier="paid", variant=v, reason=r) or 0.0
+                for v in ("smollm2-135m", "smollm2-135m-int8")
+                for r in ("default", "complexity", "load", "fallback", "pinned")
+            )
+            for router in routers
+        ]
+        assert sum(routed) == 9 and min(routed) >= 1, f"generations per router: {routed}"
+    finally:
+        gateway.stop()
+        for router in routers:
+            router.process.stop()

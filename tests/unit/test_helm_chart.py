@@ -652,7 +652,9 @@ def test_the_gateway_certificate_reaches_the_router_by_its_service_name(
     target, servicer = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     client = TlsFiles(mesh_tls / "ca.pem", mesh_tls / "gateway.pem", mesh_tls / "gateway.key")
-    service_name = f"{FULLNAME}-router.{NAMESPACE}.svc.cluster.local"
+    # The name the gateway dials (its dns:/// target's host) is the one the router's certificate must carry.
+    router_url = env_of(container(render("default"), "gateway"))["LLMESH_GATEWAY_ROUTER_URL"]
+    service_name = router_url.removeprefix("dns:///").rsplit(":", 1)[0]
     for name, works in ((service_name, True), ("elsewhere.example", False)):
         options = [("grpc.ssl_target_name_override", name)]
         with grpc.secure_channel(target, client.channel_credentials(), options=options) as channel:
@@ -662,6 +664,32 @@ def test_the_gateway_certificate_reaches_the_router_by_its_service_name(
             else:
                 with pytest.raises(grpc.RpcError):
                     stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
+def test_the_gateway_reaches_every_pod_of_router_cache_and_limiter() -> None:
+    """dns:/// targets on headless Services: the gateway's round-robin channel connects to every pod, instead of one
+    long-lived connection through a ClusterIP sticking to the pod it first reached (scaled-out pods left idle)."""
+    manifests = render("default")
+    env = env_of(container(manifests, "gateway"))
+    for part, variable in (("router", "ROUTER_URL"), ("cache", "CACHE_URL"), ("limiter", "LIMITER_URL")):
+        url = env[f"LLMESH_GATEWAY_{variable}"]
+        assert url.startswith("dns:///"), url
+        host, port = url.removeprefix("dns:///").rsplit(":", 1)
+        service = named(manifests, "Service", host.split(".")[0])
+        assert service["spec"]["clusterIP"] == "None", f"{part}: not headless"
+        assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+        selected = [
+            d
+            for d in of_kind(manifests, "Deployment")
+            if selects({"matchLabels": service["spec"]["selector"]}, pod_labels(d))
+        ]
+        assert [d["metadata"]["name"] for d in selected] == [f"{FULLNAME}-{part}"]
+        sans = (
+            x509.load_pem_x509_certificate(_tls_secret(manifests)[f"{part}.pem"])
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value.get_values_for_type(x509.DNSName)
+        )
+        assert host in sans, f"{part}'s certificate does not name {host}"
 
 
 def test_image_digest_pins_every_llmesh_container() -> None:
