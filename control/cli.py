@@ -1,4 +1,4 @@
-"""The `llmesh` command: up, down, status, keys, build, protos, cache, quota, bench, top."""
+"""The `llmesh` command: up, down, status, serve, keys, build, protos, cache, quota, bench, top."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # The services' own flags pass through unparsed (control/serve.py).
+        from control import serve as serve_role
+
+        return serve_role.main(argv[1:])
     parser = argparse.ArgumentParser(prog="llmesh", description="LLM serving mesh")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -34,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(status, mesh_flags, "LLMESH_")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    from control.serve import add_to as add_serve
+
+    add_serve(sub)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -7,6 +7,7 @@ are (ports, gateways, the limiter), which the launcher wires. docs/SECURITY.md e
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import string
 from collections.abc import Sequence
@@ -197,17 +198,45 @@ def _connection_filters(config: EdgeConfig) -> str:
     return "- " + json.dumps(ratelimit)
 
 
-def render(config: EdgeConfig, descriptor_set: Path = DESCRIPTOR_SET) -> str:
-    """The Envoy config. Raises ValueError for edge settings that cannot work (EdgeSettings.check)."""
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _yaml_host(host: str) -> str:
+    """A host for a YAML flow mapping: an IPv6 address ("::1") quoted, anything else as it is."""
+    return json.dumps(host) if ":" in host else host
+
+
+def _discovery(hosts: Sequence[str]) -> str:
+    """A cluster's `type` (and how it resolves names): STATIC when every host is an IP address; else STRICT_DNS,
+    which re-resolves each name and makes every address it returns an endpoint (a Kubernetes headless Service lists
+    its ready pods). IPv4 first: `localhost` and dual-stack names would otherwise resolve to ::1 or an IPv6 address
+    that services bound to 0.0.0.0 or 127.0.0.1 do not listen on."""
+    if all(_is_ip_literal(host) for host in hosts):
+        return "type: STATIC"
+    return "type: STRICT_DNS\n      dns_lookup_family: V4_PREFERRED"
+
+
+def render(config: EdgeConfig, descriptor_set: Path = DESCRIPTOR_SET, template: Path = TEMPLATE) -> str:
+    """The Envoy config. Raises ValueError for edge settings that cannot work (EdgeSettings.check).
+
+    Gateway and limiter hosts are IP addresses (a STATIC cluster) or DNS names (STRICT_DNS). `template` and
+    `descriptor_set` default to the repository's envoy/ folder; an installed llmesh (the container image) passes
+    copies of them."""
     edge = config.edge
     edge.check()
     endpoints = "\n".join(
-        f"              - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}"
+        "              - endpoint: { address: { socket_address: "
+        f"{{ address: {_yaml_host(host)}, port_value: {port} }} }} }}"
         for host, port in config.gateways
     )
-    return string.Template(TEMPLATE.read_text()).substitute(
+    return string.Template(template.read_text()).substitute(
         ADMIN_PORT=config.admin_port,
-        LISTEN_HOST=config.listen_host,
+        LISTEN_HOST=_yaml_host(config.listen_host),
         LISTEN_PORT=config.listen_port,
         DOWNSTREAM_TLS=_downstream_tls(edge),
         UPSTREAM_TLS=_upstream_tls(config.upstream_tls),
@@ -224,7 +253,9 @@ def render(config: EdgeConfig, descriptor_set: Path = DESCRIPTOR_SET) -> str:
         HEALTH_INTERVAL=f"{config.health_interval_s}s",
         DESCRIPTOR_SET=str(descriptor_set),
         GATEWAY_ENDPOINTS=endpoints,
-        LIMITER_HOST=config.limiter[0],
+        GATEWAY_DISCOVERY=_discovery([host for host, _ in config.gateways]),
+        LIMITER_DISCOVERY=_discovery([config.limiter[0]]),
+        LIMITER_HOST=_yaml_host(config.limiter[0]),
         LIMITER_PORT=config.limiter[1],
         RATE_LIMIT_FAILURE_MODE_DENY="true" if config.rate_limit_failure_mode_deny else "false",
         RATE_LIMIT_TIMEOUT=f"{config.rate_limit_timeout_s}s",

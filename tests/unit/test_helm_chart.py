@@ -339,8 +339,9 @@ def test_grace_periods_cover_prestop_and_each_services_drain(manifests: list[Man
             assert drain == defaults[part], part
         elif part.startswith("triton-"):
             drain = 30.0  # tritonserver's default --exit-timeout-secs
-        else:
-            drain = 0.0  # Envoy: the preStop sleep is its drain (no new connections reach it)
+        else:  # Envoy: `llmesh serve envoy --drain-s` waits for requests in flight
+            drain = float(next(a for a in spec["containers"][0]["args"] if a.startswith("--drain-s=")).split("=")[1])
+            assert drain > 0, part
         pre_stop = spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pre_stop >= 5, part
         assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 1, (part, pre_stop, drain)
