@@ -338,7 +338,7 @@ def test_grace_periods_cover_prestop_and_each_services_drain(manifests: list[Man
             drain = float(env[prefix + "SHUTDOWN_GRACE_S"]) + float(env.get(prefix + "SHUTDOWN_DRAIN_S", 0))
             assert drain == defaults[part], part
         elif part.startswith("triton-"):
-            drain = 30.0  # tritonserver's default --exit-timeout-secs
+            drain = 10.0  # the --exit-timeout-secs `llmesh serve triton` gives tritonserver (triton_models/runtime.py)
         else:  # Envoy: `llmesh serve envoy --drain-s` waits for requests in flight
             drain = float(next(a for a in spec["containers"][0]["args"] if a.startswith("--drain-s=")).split("=")[1])
             assert drain > 0, part
