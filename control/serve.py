@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from pathlib import Path
 from control.certs import part_files
 from control.envoy_config import DESCRIPTOR_SET, TEMPLATE, EdgeConfig, EdgeSettings, envoy_command, render
 from llmesh import paths
+from llmesh.addresses import parse_host_port
 from llmesh.settings import add_arguments, flat_class, from_namespace, section, unflatten
 
 # Role -> the module `python -m` runs.
@@ -61,21 +61,8 @@ class _EdgeFlags:
     edge: EdgeSettings = field(default_factory=EdgeSettings, metadata=section(unprefixed=("tls_cert", "tls_key")))
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` -> (host, port). Raises ValueError."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not HOST:PORT: {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    elif ":" in host:
-        raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}")
-    return host, int(port)
-
-
 def parse_addresses(text: str) -> tuple[tuple[str, int], ...]:
-    addresses = tuple(parse_address(part) for part in text.split(",") if part.strip())
+    addresses = tuple(parse_host_port(part) for part in text.split(",") if part.strip())
     if not addresses:
         raise ValueError("at least one HOST:PORT is needed")
     return addresses
@@ -182,7 +169,7 @@ def edge_config(ns: argparse.Namespace) -> EdgeConfig:
         listen_port=ns.port,
         admin_port=ns.admin_port,
         gateways=parse_addresses(ns.gateways),
-        limiter=parse_address(ns.limiter),
+        limiter=parse_host_port(ns.limiter),
         upstream_tls=tls,
         edge=unflatten(_EdgeFlags, from_namespace(flat_class(_EdgeFlags), ns)).edge,
     )

@@ -12,7 +12,6 @@ PoolMembership applies the changes to the router's ReplicaPool; embeddings follo
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from llmesh.addresses import host_port, parse_host_port
 from router.replicas import Replica, ReplicaPool, ReplicaState
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ class Resolver(Protocol):
         ...
 
 
-def endpoint(ip: str, port: int) -> str:
-    """`ip:port`, with IPv6 literals bracketed as gRPC targets want them."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 class SystemResolver:
     """The host's resolver (getaddrinfo: /etc/resolv.conf, the cluster DNS in Kubernetes). It caches nothing, so each
     refresh sees the current records (their TTL is the DNS server's business)."""
@@ -52,7 +47,7 @@ class SystemResolver:
             if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
                 return []
             raise LookupFailed(f"{host}: {exc.strerror}") from exc
-        return sorted({endpoint(str(info[4][0]), port) for info in infos})
+        return sorted({host_port(str(info[4][0]), port) for info in infos})
 
 
 @dataclass(frozen=True)
@@ -70,19 +65,12 @@ def parse_names(value: str, flag: str) -> list[DnsName]:
     for item in (v.strip() for v in value.split(",")):
         if not item:
             continue
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{flag}: {item!r} is not NAME:PORT")
-        names.append(DnsName(host.strip("[]"), int(port)))
+        try:
+            host, port = parse_host_port(item)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {item!r} is not NAME:PORT ({exc})") from None
+        names.append(DnsName(host, port))
     return names
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from llmesh.addresses import host_port
 from llmesh.types import SamplingParams, Tier
 from router.config import RouterSettings
 from router.discovery import (
@@ -18,7 +19,6 @@ from router.discovery import (
     ReplicaDiscovery,
     ReplicaGroup,
     SystemResolver,
-    endpoint,
     parse_names,
 )
 from router.load import LoadTracker
@@ -39,7 +39,7 @@ class FakeResolver:
         self.lookups += 1
         if host in self.failing:
             raise LookupFailed(f"{host}: timed out")
-        return [endpoint(ip, port) for ip in self.records.get(host, [])]
+        return [host_port(ip, port) for ip in self.records.get(host, [])]
 
 
 class FakeReplica:
@@ -260,7 +260,7 @@ def test_a_failing_listener_does_not_stop_the_others() -> None:
 
 def test_parse_names_and_settings() -> None:
     assert parse_names("a.svc:8001, [::1]:9", "--triton-dns") == [DnsName("a.svc", 8001), DnsName("::1", 9)]
-    assert endpoint("::1", 9) == "[::1]:9"
+    assert host_port("::1", 9) == "[::1]:9"
     for bad in ("a.svc", "a.svc:", ":8001", "a:99999", "a:x"):
         with pytest.raises(ValueError, match="--triton-dns"):
             parse_names(bad, "--triton-dns")

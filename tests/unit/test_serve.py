@@ -10,7 +10,8 @@ import yaml
 
 from control import cli, serve
 from control.envoy_config import EdgeConfig, render
-from control.serve import DrainingEnvoy, parse_address, parse_addresses, plan, requests_in_flight
+from control.serve import DrainingEnvoy, parse_addresses, plan, requests_in_flight
+from llmesh.addresses import parse_host_port
 
 
 @pytest.mark.parametrize(
@@ -176,13 +177,13 @@ def test_envoy_needs_gateways_and_limiter(tmp_path: Path) -> None:
         plan(["envoy", "--gateways", "gateway", "--limiter", "127.0.0.1:1", "--config-dir", str(tmp_path)], {})
 
 
-def test_parse_address() -> None:
-    assert parse_address("gateway.mesh.svc.cluster.local:50051") == ("gateway.mesh.svc.cluster.local", 50051)
-    assert parse_address("[::1]:8080") == ("::1", 8080)
+def test_parse_host_port() -> None:
+    assert parse_host_port("gateway.mesh.svc.cluster.local:50051") == ("gateway.mesh.svc.cluster.local", 50051)
+    assert parse_host_port("[::1]:8080") == ("::1", 8080)
     assert parse_addresses("a:1, b:2,") == (("a", 1), ("b", 2))
     for bad in ("a", "a:", ":1", "a:0", "a:65536", "a:x", "::1:80", "[nope]:80"):
         with pytest.raises(ValueError):
-            parse_address(bad)
+            parse_host_port(bad)
     with pytest.raises(ValueError):
         parse_addresses(" , ")
 
