@@ -71,7 +71,7 @@ class PrometheusObserver:
             ["variant", "replica"], buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         registry.register(ReplicaCollector(pool))
-        self._replica_series: dict[str, set[str]] = {}
+        self._variants = list(variants)
         in_flight = Gauge("llmesh_router_in_flight", "Requests in flight per variant", ["variant"], registry=registry)
         p95 = Gauge(
             "llmesh_router_ttft_p95_seconds", "Recent first-token p95 the policy reads", ["variant"], registry=registry
@@ -88,7 +88,6 @@ class PrometheusObserver:
 
     def first_token(self, variant: str, replica: str, seconds: float) -> None:
         self.ttft.labels(variant, replica).observe(seconds)
-        self._replica_series.setdefault(replica, set()).add(variant)
 
     # router/discovery.py's MembershipListener: replicas found by DNS are pod addresses that come and go; a replica
     # that left takes its series with it, so the metric's cardinality follows the pool, not its history.
@@ -96,6 +95,6 @@ class PrometheusObserver:
         pass
 
     async def removed(self, member: Member) -> None:
-        for variant in self._replica_series.pop(member.url, set()):
-            with contextlib.suppress(KeyError):
+        for variant in self._variants:
+            with contextlib.suppress(KeyError):  # a variant it never answered has no series
                 self.ttft.remove(variant, member.url)
