@@ -40,7 +40,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,21 @@ def ended_early(run: BatchRun, indices: Sequence[int] | None = None) -> int:
     return sum(run.results[i].finish_reason != "length" for i in chosen)
 
 
+def paired_runs(
+    engine: Engine, first: Sequence[GenerationRequest], second: Sequence[GenerationRequest], rounds: int
+) -> Iterator[tuple[BatchRun, BatchRun]]:
+    """(run of `first`, run of `second`) per round, after one warm-up run of each (grammars compiled and cached,
+    prompts' K/V cached); the order alternates between rounds so neither batch always runs on a warmer machine."""
+    run_batch(engine, first)
+    run_batch(engine, second)
+    for r in range(rounds):
+        if r % 2 == 0:
+            a, b = run_batch(engine, first), run_batch(engine, second)
+        else:
+            b, a = run_batch(engine, second), run_batch(engine, first)
+        yield a, b
+
+
 @dataclass
 class ThroughputRound:
     constrained_tok_s: float
@@ -179,14 +194,8 @@ class ThroughputRound:
 def measure_throughput(engine: Engine, prompts: Prompts, rounds: int) -> list[ThroughputRound]:
     n = len(prompts.schemas)
     constrained, plain = prompts.batch([True] * n), prompts.batch([False] * n)
-    run_batch(engine, constrained)  # warm-up: grammars compiled and cached, prompts' K/V cached
-    run_batch(engine, plain)
     out = []
-    for r in range(rounds):
-        if r % 2 == 0:
-            c, u = run_batch(engine, constrained), run_batch(engine, plain)
-        else:
-            u, c = run_batch(engine, plain), run_batch(engine, constrained)
+    for r, (c, u) in enumerate(paired_runs(engine, constrained, plain, rounds)):
         cpu_ratio = (c.tokens / c.cpu_s) / (u.tokens / u.cpu_s)
         result = ThroughputRound(
             c.tokens_per_s, u.tokens_per_s, c.tokens, u.tokens, cpu_ratio, ended_early(c) + ended_early(u)
@@ -219,14 +228,8 @@ def measure_neighbours(engine: Engine, prompts: Prompts, rounds: int) -> list[Ne
     half = list(range(n // 2))
     mixed = prompts.batch([i >= n // 2 for i in range(n)])  # the first half unconstrained, the rest constrained
     plain = prompts.batch([False] * n)
-    run_batch(engine, mixed)  # warm-up
-    run_batch(engine, plain)
     out = []
-    for r in range(rounds):
-        if r % 2 == 0:
-            m, a = run_batch(engine, mixed), run_batch(engine, plain)
-        else:
-            a, m = run_batch(engine, plain), run_batch(engine, mixed)
+    for r, (m, a) in enumerate(paired_runs(engine, mixed, plain, rounds)):
         same = all(m.results[i].token_ids == a.results[i].token_ids for i in half)
         result = NeighbourRound(
             m.request_tokens_per_s(half), a.request_tokens_per_s(half), a.cpu_s / m.cpu_s, same,
