@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llmesh.addresses import host_port
-from llmesh.types import SamplingParams, Tier
+from llmesh.types import Tier
 from router.config import RouterSettings
 from router.discovery import (
     DnsName,
@@ -24,7 +23,7 @@ from router.discovery import (
 from router.load import LoadTracker
 from router.metrics import PrometheusObserver
 from router.replicas import ReplicaPool, ReplicaState
-from router.tokens import TokenChunk
+from tests.fixtures.router import FakeReplica
 
 VARIANTS = ["v"]
 
@@ -42,34 +41,6 @@ class FakeResolver:
         return [host_port(ip, port) for ip in self.records.get(host, [])]
 
 
-class FakeReplica:
-    def __init__(self, name: str, ready: bool = True) -> None:
-        self._name = name
-        self.is_ready = ready
-        self.closed = False
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    async def ready(self, variant: str) -> bool:
-        return self.is_ready
-
-    async def stream(
-        self,
-        variant: str,
-        request_id: str,
-        input_ids: Sequence[int],
-        sampling: SamplingParams,
-        tier: Tier,
-        grammar: str = "",
-    ) -> AsyncIterator[TokenChunk]:
-        yield TokenChunk((), "stop")
-
-    async def close(self) -> None:
-        self.closed = True
-
-
 class Mesh:
     """A pool fed by discovery over a fake resolver; `made` holds every replica created, by URL."""
 
@@ -80,7 +51,7 @@ class Mesh:
         self.not_ready = not_ready
 
         def make(url: str) -> FakeReplica:
-            self.made[url] = FakeReplica(url, ready=url not in self.not_ready)
+            self.made[url] = FakeReplica(url, () if url in self.not_ready else VARIANTS)
             return self.made[url]
 
         self.membership = PoolMembership(self.pool, make, VARIANTS, retire_after_s=60)
@@ -140,7 +111,7 @@ def test_new_replica_is_probed_before_it_takes_work() -> None:
         await mesh.discovery.refresh()
         assert mesh.picks() == {"198.18.0.2:8001"}, "a replica still loading its models gets no request"
         assert healthy_counts == [1]
-        mesh.made["198.18.0.3:8001"].is_ready = True
+        mesh.made["198.18.0.3:8001"].ready_variants = set(VARIANTS)
         await mesh.pool.probe(VARIANTS)
         assert mesh.picks() == {"198.18.0.2:8001", "198.18.0.3:8001"}
         assert healthy_counts == [1, 2]

@@ -1,35 +1,10 @@
 """Replica choice, ejection and re-admission, with fake replicas."""
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
 
-from llmesh.types import SamplingParams, Tier
+from llmesh.types import Tier
 from router.replicas import ReplicaPool, ReplicaState
-from router.tokens import TokenChunk
-
-
-class FakeReplica:
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self.ready_variants = {"v", "w"}
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    async def ready(self, variant: str) -> bool:
-        return variant in self.ready_variants
-
-    async def stream(
-        self,
-        variant: str,
-        request_id: str,
-        input_ids: Sequence[int],
-        sampling: SamplingParams,
-        tier: Tier,
-        grammar: str = "",
-    ) -> AsyncIterator[TokenChunk]:
-        yield TokenChunk((), "stop")
+from tests.fixtures.router import FakeReplica
 
 
 def pool(*names: str, dedicated: tuple[str, ...] = ()) -> ReplicaPool:
