@@ -22,6 +22,7 @@ from typing import cast
 
 import pytest
 
+from tests.fixtures.limiter import policy_without_edge_budget
 from tests.fixtures.multihost import (
     EDGE_HTTP,
     GATEWAY_METRICS,
@@ -31,7 +32,6 @@ from tests.fixtures.multihost import (
     client,
     client_popen,
     create_key,
-    edge_policy,
     mesh_certificates,
     metric,
     result_of,
@@ -116,7 +116,7 @@ def multihost(
         for thread in threads:
             thread.join()
         assert set(tritons) == {"t1", "t2", "t3"}, "a tritonserver did not start (its log is in the lab's folder)"
-        policy = edge_policy(folder / "policy")
+        policy = policy_without_edge_budget(folder / "policy")
         frontends = [
             start_frontend(
                 hosts[g],

@@ -25,6 +25,7 @@ from typing import cast
 
 import pytest
 
+from tests.fixtures.limiter import policy_without_edge_budget
 from tests.fixtures.multihost import (
     EDGE_HTTP,
     TRITON_GRPC,
@@ -32,7 +33,6 @@ from tests.fixtures.multihost import (
     client,
     client_popen,
     create_key,
-    edge_policy,
     mesh_certificates,
     result_of,
     start_edge,
@@ -115,7 +115,7 @@ def regions(
         start_redis(b("r"), folder / "b-auth", AUTH_PORT, "--replicaof", b("wan").ip, str(RELAY_AUTH))
         for region in (a, b):
             start_triton(region("t"), model_repository, build_settings.cache_dir, certs, build_settings.variant)
-        policy = edge_policy(folder / "policy")
+        policy = policy_without_edge_budget(folder / "policy")
         auth_url = f"redis://{a('r').ip}:{AUTH_PORT}/0"
         front_a = start_frontend(
             a("g"), certs, model_repository, auth_url, f"redis://{a('r').ip}:{QUOTA_PORT}/0", policy,
